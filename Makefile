@@ -1,0 +1,50 @@
+# `make serve` and `make test` set everything up on a fresh machine, then serve / test.
+# Both are idempotent: a second run only does what changed.
+
+PYTHON ?= python3.11
+VENV := .venv
+PIP := $(VENV)/bin/python -m pip
+SUBJECTIVE := $(VENV)/bin/subjective
+MODEL := models/SmolLM2-135M-Instruct
+TORCH := torch==2.13.0+cpu
+# PyPI holds only CUDA builds of torch; the CPU build comes from PyTorch's own index.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+DEBIAN_PACKAGES := redis-server prometheus python3.11-doc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: serve test setup system-deps lint
+
+serve: setup $(MODEL)/config.json
+	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000
+
+test: setup $(MODEL)/config.json data/validation.txt
+	$(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) --version >/dev/null 2>&1 || { echo "$(PYTHON) is required"; exit 1; }
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH) || $(PIP) install -q --index-url $(TORCH_CPU_INDEX) $(TORCH)
+	$(PIP) install -q -e ".[cpu,dev]"
+	# vLLM pulls these in; beside the CPU torch they break imports, and text models need none.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(MODEL)/config.json: | $(VENV)/.installed
+	$(SUBJECTIVE) model import-smollm2 --output $(MODEL)
+
+data/validation.txt: | $(VENV)/.installed $(MODEL)/config.json
+	$(SUBJECTIVE) data build --output data --tokenizer $(MODEL)

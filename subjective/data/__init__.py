@@ -1,0 +1,1 @@
+"""Text corpora for fine-tuning and perplexity, built from documentation Debian ships."""

@@ -1,0 +1,1 @@
+"""Quality measurements: perplexity on held-out text."""

@@ -1,0 +1,64 @@
+"""`subjective eval ppl MODEL_DIR --data validation`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+from subjective.paths import DATA_DIR
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser("eval", help="measure model quality").add_subparsers(
+        dest="eval_command", required=True
+    )
+    ppl = evaluate.add_parser("ppl", help="perplexity on a split of the corpus")
+    ppl.add_argument("model_dir", type=Path)
+    ppl.add_argument("--data", default="validation", help="split name: train | validation")
+    ppl.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ppl.add_argument("--block-size", type=int, default=1024)
+    ppl.add_argument("--batch-size", type=int, default=4)
+    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    ppl.add_argument("--json", type=Path, help="also write the result here")
+    ppl.set_defaults(handler=eval_ppl)
+
+
+def eval_ppl(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from subjective.evaluation.models import load_logits_fn
+    from subjective.evaluation.perplexity import perplexity, read_split, token_blocks
+
+    text = read_split(args.data_dir, args.data)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    blocks = token_blocks(ids, args.block_size, args.max_tokens)
+    result = perplexity(load_logits_fn(args.model_dir), blocks, args.batch_size)
+    print(
+        f"perplexity {result.perplexity:.4f} over {result.tokens:,} tokens "
+        f"({result.tokens_per_second:,.0f} tokens/s)"
+    )
+    if args.json:
+        record = {
+            "model": args.model_dir.name,
+            "data": args.data,
+            "tokens": result.tokens,
+            "perplexity": result.perplexity,
+            "mean_nll": result.mean_nll,
+            "tokens_per_second": result.tokens_per_second,
+            "block_size": args.block_size,
+            "command": shlex.join(["subjective", *sys.argv[1:]]),
+            "machine": {
+                "cpu": platform.machine(),
+                "cores": os.cpu_count(),
+                "os": platform.platform(),
+            },
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0

@@ -1,0 +1,49 @@
+"""`subjective serve`: the OpenAI-compatible server on one model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from subjective.paths import DEFAULT_MODEL
+from subjective.server.config import QUALITY_LEVELS, ServerConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over the OpenAI HTTP API")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF-format folder")
+    parser.add_argument("--served-model-name", help="name clients use (default: folder name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument(
+        "--eager", action="store_true", help="skip torch.compile: loads ~5x faster, runs slower"
+    )
+    parser.add_argument("--default-quality", choices=QUALITY_LEVELS, default="conservative")
+    parser.set_defaults(handler=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from subjective.server.app import create_app
+
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(
+            f"no model at {args.model}: run `subjective model import-smollm2` (or `make serve`)"
+        )
+    config = ServerConfig(
+        model_dir=args.model,
+        served_model_name=args.served_model_name or args.model.name,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        enforce_eager=args.eager,
+        default_quality=args.default_quality,
+    )
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    return 0
