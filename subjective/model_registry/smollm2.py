@@ -62,7 +62,7 @@ def import_smollm2(output_dir: Path) -> Path:
     config_dict.pop("quantization_config", None)
     config_dict["architectures"] = ["LlamaForCausalLM"]
     config = LlamaConfig.from_dict(config_dict)
-    config.torch_dtype = torch.float32
+    config.dtype = torch.float32
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
     # Tied embeddings: lm_head.weight may be absent from the GGUF state dict.
