@@ -12,6 +12,8 @@ COMMAND_MODULES = (
     "subjective.data.cli",
     "subjective.evaluation.cli",
     "subjective.server.cli",
+    "subjective.server.ledger.cli",
+    "subjective.server.keys_cli",
 )
 
 

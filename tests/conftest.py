@@ -11,8 +11,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import pytest
+# Triton kernels run on this CPU only in its interpreter, and triton reads this when it is first
+# imported (torch may import it early): set it before any test module loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -68,7 +72,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=_server_environment(),
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -81,6 +85,12 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def _server_environment() -> dict[str, str]:
+    """The server runs as users run it: vLLM's own CPU paths, not the Triton interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 def _wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:

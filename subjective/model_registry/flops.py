@@ -1,0 +1,167 @@
+"""The meter: executed and dense-equivalent FLOPs and KV entries of a batch, per sequence/phase.
+
+Convention: a matmul `[m, k] @ [k, n]` costs `2·m·n·k`. Counted, per layer and token:
+
+- full path (every token of a dense/Decision layer; selected tokens of a Dynamic/temporal
+  layer): Q, K, V, O projections `2·d·(H + 2·H_kv)·hd + 2·H·hd·d`; attention over the
+  `L` KV entries the token attends in that layer (kept entries at positions ≤ its own,
+  itself included) `2·2·H·hd·L` (scores and weighted sum); SwiGLU MLP `3·2·d·I`;
+- SDT Decision layer, every token: prior SwiGLU `3·2·d·p` and surprise `2·2·d` (the two
+  squared distances `D_st`, `D_ch`, each a length-d dot product);
+- SDT Dynamic layer, every token: router `2·d` (linear d → 1, on the cheap path too), unless
+  the routing `score` is `"gate"` (the threshold then applies to g itself: no router runs);
+- STT temporal layer, every token: router `2·2d`; selected tokens also run the transition
+  SwiGLU `3·2·d·t` and the surprise `2·2·d`;
+- LM head `2·d·V` per token whose logits are computed (prompt: the last prompt token, or all
+  with `prompt_logits="all"`; completion: every token fed back); embeddings: 0 (a lookup).
+
+Ignored everywhere (elementwise or O(d) work): RMSNorms, rotary, activations, residual adds,
+the g scaling, softmax, attention scaling/masking, sigmoid/threshold comparisons, the moving
+average and biases. This matches what `torch.utils.flop_counter` counts on the reference models,
+except that the reference attention computes the full `n × L` score rectangle of a prompt chunk
+and masks the causal part: those masked pairs are not attended and are not counted here.
+
+`dense_flops` is what the dense model of the same shape executes for the same tokens: every
+layer on the full path with causal attention over all earlier tokens, no prior/router/surprise,
+the same LM-head tokens. KV entries: one per layer and full-path token (dense: every token).
+
+Only inference routing is metered; training's extra dense measuring pass (STT) is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from subjective.model_registry.config import ModelConfig
+
+
+@dataclass
+class PhaseCounts:
+    """Per-sequence int64 `[B]` totals of one phase."""
+
+    flops: Tensor
+    dense_flops: Tensor
+    kv_entries: Tensor
+    kv_entries_dense: Tensor
+    # Attention (scores + weighted sum) in the gated layers only: the paper's headline figure.
+    gated_attention_flops: Tensor
+    gated_attention_flops_dense: Tensor
+
+
+@dataclass
+class FlopReport:
+    prompt: PhaseCounts
+    completion: PhaseCounts
+
+    def usage(self, b: int) -> dict[str, float | int]:
+        """`usage.compute` of sequence `b` (both phases together), as DESIGN.md §5 names it."""
+        flops = int(self.prompt.flops[b] + self.completion.flops[b])
+        dense = int(self.prompt.dense_flops[b] + self.completion.dense_flops[b])
+        return {
+            "flops": flops,
+            "dense_flops": dense,
+            "saved_ratio": 1.0 - flops / dense if dense else 0.0,
+            "kv_entries": int(self.prompt.kv_entries[b] + self.completion.kv_entries[b]),
+            "kv_entries_dense": int(
+                self.prompt.kv_entries_dense[b] + self.completion.kv_entries_dense[b]
+            ),
+        }
+
+
+def count_flops(
+    config: ModelConfig,
+    routing: Mapping[int, Tensor],
+    lengths: Tensor,
+    prompt_lens: Tensor,
+    *,
+    prompt_logits: Literal["last", "all"] = "last",
+) -> FlopReport:
+    """Count a batch from the routing decisions actually taken.
+
+    `routing[layer]`: `[B, T]` bool for every gated layer (True = full path), covering each
+    sequence's tokens `0 .. lengths[b]-1` (prompt then fed-back completion tokens; columns
+    past `lengths[b]` are ignored). `prompt_lens[b]` of those tokens are the prompt.
+    """
+    d, hd, heads, kv_heads = (
+        config.hidden_size,
+        config.head_dim,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+    )
+    spec = config.routing
+    lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+    prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long).cpu()
+    batch = lengths.numel()
+    width = int(lengths.max()) if batch else 0
+    steps = torch.arange(width)
+    valid = steps[None, :] < lengths[:, None]
+    in_prompt = (steps[None, :] < prompt_lens[:, None]) & valid
+    in_completion = valid & ~in_prompt
+    zero = torch.zeros(batch, width, dtype=torch.long)
+
+    projections = 2 * d * (heads + 2 * kv_heads) * hd + 2 * heads * hd * d
+    mlp = 3 * 2 * d * config.intermediate_size
+    attention_per_entry = 2 * 2 * heads * hd
+    surprise = 2 * 2 * d
+
+    def full_path(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """FLOPs per token of a full-path mask, its attention part, and the mask as int."""
+        kept = mask.long()
+        attention = kept.cumsum(dim=1) * kept * attention_per_entry
+        return kept * (projections + mlp) + attention, attention, kept
+
+    dense_layer, dense_attention, dense_kept = full_path(valid)
+    executed = zero.clone()
+    kv_executed = zero.clone()
+    gated_attention = zero.clone()
+    gated_attention_dense = zero.clone()
+    for layer in range(config.num_hidden_layers):
+        if layer in spec.gated_layers:
+            if layer not in routing:
+                raise KeyError(f"no routing decisions for gated layer {layer}")
+            mask = routing[layer].cpu()[:, :width].bool() & valid
+        else:
+            mask = valid
+        per_token, attention, kept = full_path(mask)
+        if layer in spec.gated_layers:
+            gated_attention += attention
+            gated_attention_dense += dense_attention
+        if spec.kind == "sdt" and layer in spec.decision_layers:
+            per_token = per_token + valid.long() * (3 * 2 * d * spec.prior_width + surprise)
+        if spec.kind == "sdt" and layer in spec.gated_layers and spec.score == "router":
+            per_token = per_token + valid.long() * (2 * d)
+        if spec.kind == "stt" and layer in spec.gated_layers:
+            per_token = per_token + valid.long() * (2 * 2 * d)
+            per_token = per_token + kept * (3 * 2 * d * spec.transition_width + surprise)
+        executed += per_token
+        kv_executed += kept
+
+    dense = dense_layer * config.num_hidden_layers
+    kv_dense = dense_kept * config.num_hidden_layers
+
+    head = 2 * d * config.vocab_size
+    if prompt_logits == "all":
+        head_tokens = valid.long()
+    else:
+        last_prompt = (steps[None, :] == (prompt_lens[:, None] - 1)) & valid
+        head_tokens = (last_prompt | in_completion).long()
+    executed += head_tokens * head
+    dense += head_tokens * head
+
+    def phase(mask: Tensor) -> PhaseCounts:
+        m = mask.long()
+        return PhaseCounts(
+            flops=(executed * m).sum(dim=1),
+            dense_flops=(dense * m).sum(dim=1),
+            kv_entries=(kv_executed * m).sum(dim=1),
+            kv_entries_dense=(kv_dense * m).sum(dim=1),
+            gated_attention_flops=(gated_attention * m).sum(dim=1),
+            gated_attention_flops_dense=(gated_attention_dense * m).sum(dim=1),
+        )
+
+    return FlopReport(prompt=phase(in_prompt), completion=phase(in_completion))

@@ -1,0 +1,139 @@
+"""Subjective Depth Transformer: Decision layers gate the Dynamic layer that follows them.
+
+Decision layer (dense): `H_post = H + Block(H)` for every token, a narrow prior
+`H_prior = H + PriorFFN(RMSNorm(H))`, and the surprise gate g. Dynamic layer: the selected tokens
+(Top-K by g in training, causal router ≥ threshold at inference) become `H + g·Block(H)`; the
+others keep `H`, write no KV entry and are invisible to later queries of that layer. Only the
+selected tokens are gathered into the block, so skipped work is never executed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from subjective.model_registry.config import ModelConfig
+from subjective.model_registry.llama import (
+    ForwardContext,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    RMSNorm,
+    SwiGLU,
+    counts_of,
+)
+from subjective.model_registry.surprise import (
+    SurpriseGate,
+    causal_moving_average,
+    mean_squared_norm,
+    threshold_mask,
+    topk_mask,
+)
+
+
+def init_fresh(module: nn.Module) -> None:
+    """Fresh prior/transition weights: small normal linears, zero biases.
+
+    Routers keep PyTorch's default (unit-scale) init, so their scores differ across tokens
+    from the start; the priors start small, i.e. close to "no change" (`H_prior ≈ H`).
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=0.02)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
+def select_tokens(
+    layer: int, ctx: ForwardContext, gate: Tensor, router_logits: Tensor, capacity: float
+) -> Tensor:
+    """The `[B, T]` full-path mask of a gated layer: forced, Top-K by g, or router ≥ threshold."""
+    if ctx.forced_routing is not None and layer in ctx.forced_routing:
+        return ctx.forced_routing[layer].to(ctx.valid.device) & ctx.valid
+    if ctx.topk:
+        return topk_mask(gate, ctx.valid, capacity)
+    return threshold_mask(router_logits, ctx.valid, ctx.threshold)
+
+
+def scatter(values: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
+    """Packed per-token values back to `[B, T]`, `fill` where `mask` is False."""
+    out = values.new_full(mask.shape, fill)
+    out[mask] = values
+    return out
+
+
+class DecisionLayer(LlamaDecoderLayer):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__(config, index)
+        routing = config.routing
+        self.ma_window = routing.ma_window
+        self.prior_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.prior = SwiGLU(config.hidden_size, routing.prior_width)
+        self.surprise = SurpriseGate(
+            routing.o_ce_init, routing.m_cu_init, routing.beta_ce, routing.beta_cu
+        )
+        init_fresh(self.prior)
+
+    def forward(self, h: Tensor, ctx: ForwardContext) -> Tensor:
+        valid = ctx.valid
+        x = h[valid]
+        post = self.run_dense(h, ctx, ctx.kv(self.index))
+        prior = x + self.prior(self.prior_norm(x))
+        d_st = mean_squared_norm(post - x)
+        d_ch = mean_squared_norm(post - prior)
+        state = None if ctx.cache is None else ctx.cache.gate_state(self.index)
+        average = causal_moving_average(d_st, counts_of(valid), self.ma_window, state)
+        ctx.pending_gate = scatter(self.surprise(d_st, d_ch, average), valid)
+        if torch.is_grad_enabled():
+            ctx.add_aux("prior_mse", F.mse_loss(prior, post.detach()))
+        out = h.clone()
+        out[valid] = post
+        return out
+
+
+class DynamicLayer(LlamaDecoderLayer):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__(config, index)
+        self.capacity = config.routing.capacity
+        self.score = config.routing.score
+        # Normalised input: residual streams of pretrained models carry huge outlier features.
+        self.router_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.router = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, h: Tensor, ctx: ForwardContext) -> Tensor:
+        gate = ctx.pending_gate
+        if gate is None:
+            raise RuntimeError(f"Dynamic layer {self.index} needs a Decision layer before it")
+        ctx.pending_gate = None
+        valid = ctx.valid
+        if self.score == "gate" and not ctx.topk:
+            # g is a probability already: compared with the threshold as the router would be.
+            logits = torch.logit(gate.detach().float().clamp(0.0, 1.0))
+        else:
+            state = self.router_norm(h[valid].detach())
+            logits = scatter(self.router(state).squeeze(-1), valid, float("-inf"))
+        selected = select_tokens(self.index, ctx, gate, logits, self.capacity)
+        if ctx.topk and torch.is_grad_enabled():
+            target = selected[valid].to(logits.dtype)
+            ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
+        x = h[selected]
+        attn, mlp = self.block(x, ctx.positions[selected], counts_of(selected), ctx.kv(self.index))
+        out = h.clone()
+        out[selected] = x + gate[selected].unsqueeze(-1) * (attn + mlp)
+        ctx.routing[self.index] = selected
+        ctx.gates[self.index] = gate
+        return out
+
+
+class SubjectiveDepthForCausalLM(LlamaForCausalLM):
+    architecture = "SubjectiveDepthForCausalLM"
+
+    def make_layer(self, index: int) -> nn.Module:
+        routing = self.config.routing
+        if index in routing.decision_layers:
+            return DecisionLayer(self.config, index)
+        if index in routing.gated_layers:
+            if index - 1 not in routing.decision_layers:
+                raise ValueError(f"Dynamic layer {index} must follow a Decision layer")
+            return DynamicLayer(self.config, index)
+        return LlamaDecoderLayer(self.config, index)

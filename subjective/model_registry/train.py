@@ -1,0 +1,254 @@
+"""`subjective train`: fine-tune a converted SDT/STT model on a text file.
+
+Loss = LM cross-entropy + w_prior·(prior / transition MSE) + w_router·router BCE
++ w_gate·mean(g) (STT), with Top-K routing by the surprise gate (DESIGN.md §3). AdamW, cosine
+schedule with linear warm-up, β of the gates annealed linearly. Checkpoints in `OUTPUT/model`
+(adapter only when the base is frozen, full weights otherwise) plus `OUTPUT/state.pt`
+(optimizer, schedule, step, sampler), so `--resume` continues where a run stopped; the loss
+history goes to `OUTPUT/history.jsonl` and `OUTPUT/loss.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a converted SDT/STT model on a text file")
+    p.add_argument("model", type=Path, help="converted model folder")
+    p.add_argument("--data", type=Path, required=True, help="training text file")
+    p.add_argument("--validation", type=Path, help="held-out text file (loss per --eval-every)")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--freeze-base", action="store_true", help="train only the routing adapter")
+    p.add_argument("--prior-weight", type=float, default=0.05)
+    p.add_argument("--router-weight", type=float, default=0.01)
+    p.add_argument("--gate-weight", type=float, default=0.001)
+    p.add_argument("--beta-start", type=float, default=1.0)
+    p.add_argument("--beta-end", type=float, default=1.0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-blocks", type=int, default=8)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT's checkpoint")
+    p.add_argument(
+        "--stop-after", type=int, default=None, help="save and stop after this many steps now"
+    )
+    p.set_defaults(handler=train_command)
+
+
+def tokenize_file(path: Path, tokenizer, cache_dir: Path):
+    """Token ids of a text file as int32 tensor, cached next to the run."""
+    import hashlib
+
+    import torch
+
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    cached = cache_dir / f"tokens-{key[:12]}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    ids: list[int] = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        chunk: list[str] = []
+        for line in handle:
+            chunk.append(line)
+            if len(chunk) >= 2000:
+                ids.extend(tokenizer("".join(chunk))["input_ids"])
+                chunk = []
+        if chunk:
+            ids.extend(tokenizer("".join(chunk))["input_ids"])
+    tokens = torch.tensor(ids, dtype=torch.int32)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(tokens, cached)
+    return tokens
+
+
+def sample_batch(tokens, batch: int, block: int, generator):
+    import torch
+
+    if tokens.numel() <= block + 1:
+        raise ValueError(f"text has {tokens.numel()} tokens, fewer than a block of {block + 1}")
+    starts = torch.randint(0, tokens.numel() - block - 1, (batch,), generator=generator)
+    return torch.stack([tokens[s : s + block + 1] for s in starts.tolist()]).long()
+
+
+def compute_loss(model, ids, args) -> tuple:
+    """Total loss and its parts for one batch `[B, block + 1]` under Top-K routing."""
+    import torch.nn.functional as F
+
+    out = model(ids[:, :-1], topk=True)
+    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    weights = {
+        "prior_mse": args.prior_weight,
+        "transition_mse": args.prior_weight,
+        "router_bce": args.router_weight,
+        "gate_mean": args.gate_weight,
+    }
+    total = lm
+    parts = {"lm": lm.item()}
+    for name, value in out.aux.items():
+        total = total + weights.get(name, 0.0) * value
+        parts[name] = value.item()
+    return total, parts
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history if "lm" in h]
+    ax.plot(steps, [h["lm"] for h in history if "lm" in h], label="train LM loss")
+    evals = [h for h in history if "val_lm" in h]
+    if evals:
+        steps = [h["step"] for h in evals]
+        ax.plot(steps, [h["val_lm"] for h in evals], "o-", label="val LM (Top-K)")
+        ax.plot(steps, [h["val_lm_router"] for h in evals], "s-", label="val LM (router)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_beta(model, beta: float) -> None:
+    from subjective.model_registry.surprise import SurpriseGate
+
+    for module in model.modules():
+        if isinstance(module, SurpriseGate):
+            module.set_beta(beta, beta)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from subjective.model_registry.convert import base_folder_of, load_model, save_model
+    from subjective.model_registry.llama import is_base_parameter
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    output: Path = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoint = output / "model"
+    resume = args.resume and (output / "state.pt").is_file()
+    source = checkpoint if resume else args.model
+    base_folder = base_folder_of(args.model) if args.freeze_base else None
+    model = load_model(source).to(device).train()
+    if model.config.kind == "dense":
+        raise SystemExit(f"{args.model} is dense: convert it first (subjective model convert)")
+    for name, param in model.named_parameters():
+        param.requires_grad_(not (args.freeze_base and is_base_parameter(name)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
+    warmup = max(1, int(args.warmup * args.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.steps, warmup)
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    step, history = 0, []
+    if resume:
+        state = torch.load(output / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        step, history = state["step"], state["history"]
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokens = tokenize_file(args.data, tokenizer, output / "cache")
+    val_tokens = (
+        tokenize_file(args.validation, tokenizer, output / "cache") if args.validation else None
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def save() -> None:
+        save_model(
+            model,
+            checkpoint,
+            base_folder=base_folder,
+            template_config=json.loads((args.model / "config.json").read_text()),
+            tokenizer_from=args.model,
+        )
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+                "history": history,
+                "args": {k: str(v) for k, v in vars(args).items() if k != "handler"},
+            },
+            output / "state.pt",
+        )
+        plot_history(history, output / "loss.png")
+
+    def evaluate() -> dict[str, float]:
+        """Held-out LM loss with Top-K routing and with the inference router + threshold."""
+        model.eval()
+        val_gen = torch.Generator().manual_seed(1234)
+        topk, router = [], []
+        with torch.no_grad(), autocast:
+            for _ in range(args.eval_blocks):
+                ids = sample_batch(val_tokens, 1, args.block_size, val_gen).to(device)
+                topk.append(compute_loss(model, ids, args)[1]["lm"])
+                logits = model(ids[:, :-1], topk=False).logits.float()
+                router.append(F.cross_entropy(logits[0], ids[0, 1:]).item())
+        model.train()
+        return {"val_lm": sum(topk) / len(topk), "val_lm_router": sum(router) / len(router)}
+
+    progress = tqdm(total=args.steps, initial=step, desc="train")
+    stop_at = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+    while step < stop_at:
+        set_beta(model, args.beta_start + (args.beta_end - args.beta_start) * step / args.steps)
+        ids = sample_batch(tokens, args.batch_size, args.block_size, generator).to(device)
+        with autocast:
+            loss, parts = compute_loss(model, ids, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        record = {"step": step, "lr": schedule.get_last_lr()[0], **parts}
+        if val_tokens is not None and (step % args.eval_every == 0 or step == args.steps):
+            record.update(evaluate())
+        history.append(record)
+        with (output / "history.jsonl").open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        progress.set_postfix(lm=f"{parts['lm']:.3f}")
+        progress.update(1)
+        if step % args.save_every == 0 or step == stop_at:
+            save()
+    progress.close()
+    print(f"saved {checkpoint} (step {step})")
+    return 0

@@ -1,0 +1,279 @@
+"""SDT/STT reference models: skipped tokens cost nothing, decoding matches, gradients reach g."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subjective.model_registry.cache import GateState
+from subjective.model_registry.convert import build_model
+from subjective.model_registry.flops import count_flops
+from subjective.model_registry.llama import ForwardContext
+from subjective.model_registry.surprise import (
+    SurpriseGate,
+    causal_moving_average,
+    mean_squared_norm,
+    topk_mask,
+)
+from subjective.model_registry.tiny import tiny_config
+
+VOCAB = 101
+
+
+def ids_for(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model_for(kind: str, layers: int = 4, seed: int = 0):
+    """`kind` is dense, sdt, stt, or sdt-gate (SDT thresholding g instead of a router)."""
+    torch.manual_seed(seed)
+    kind, _, score = kind.partition("-")
+    config = tiny_config(kind, layers=layers, score="gate" if score else "router")
+    model = build_model(config).eval()
+    if score:  # spread g over (0, 1) so that thresholds split the tokens
+        for module in model.modules():
+            if isinstance(module, SurpriseGate):
+                module.set_beta(8.0, 8.0)
+    return model
+
+
+def threshold_for(kind: str) -> float:
+    """A threshold that splits the tokens: g of the tiny models sits near 0.75."""
+    return 0.745 if kind.endswith("gate") else 0.5
+
+
+# --- surprise gate --------------------------------------------------------------------------
+
+
+def test_gate_formula() -> None:
+    gate = SurpriseGate(o_ce=1.3, m_cu=0.9, beta_ce=2.0, beta_cu=0.5)
+    d_st, d_ch, ma = torch.tensor([0.2, 1.5]), torch.tensor([0.4, 0.1]), torch.tensor([0.3, 1.0])
+    s_ce = torch.sigmoid(2.0 * (d_st - (d_ch - math.log(1.3))))
+    s_cu = torch.sigmoid(0.5 * (d_st - 0.9 * ma))
+    torch.testing.assert_close(gate(d_st, d_ch, ma), s_ce + s_cu - s_ce * s_cu)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(mean_squared_norm(x), x.pow(2).mean(-1))
+
+
+def test_moving_average_is_causal_and_chunkable() -> None:
+    values = torch.rand(11)
+    full = causal_moving_average(values, [11], window=4)
+    for t in range(11):
+        earlier = values[max(0, t - 4) : t]
+        expected = earlier.mean() if t else values[0]
+        torch.testing.assert_close(full[t], expected)
+    state = GateState([None], [None])
+    parts = [
+        causal_moving_average(values[a:b], [b - a], 4, state) for a, b in [(0, 5), (5, 6), (6, 11)]
+    ]
+    torch.testing.assert_close(torch.cat(parts), full)
+
+
+def test_topk_mask_counts_per_row() -> None:
+    scores = torch.rand(3, 9)
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[1, 5:] = False
+    mask = topk_mask(scores, valid, 0.34)
+    assert mask.sum(1).tolist() == [4, 2, 4]
+    assert not (mask & ~valid).any()
+    assert scores[0][mask[0]].min() >= scores[0][~mask[0]].max()
+
+
+# --- skipped tokens: no KV entry, never attended --------------------------------------------
+
+
+def layer_context(valid: torch.Tensor, selected: torch.Tensor, layer: int) -> ForwardContext:
+    batch, length = valid.shape
+    return ForwardContext(
+        valid=valid,
+        positions=torch.arange(length).expand(batch, length),
+        cache=None,
+        topk=False,
+        threshold=torch.full((batch,), 0.5),
+        forced_routing={layer: selected},
+    )
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_skipped_token_is_not_attended(kind: str) -> None:
+    model = model_for(kind)
+    layer = model.model.layers[1]
+    torch.manual_seed(5)
+    h = torch.randn(1, 10, 48)
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    selected = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 1, 1]], dtype=torch.bool)
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        ctx = layer_context(valid, selected, 1)
+        ctx.pending_gate = torch.full((1, 10), 0.7)  # SDT: the Decision layer's g
+        with torch.no_grad():
+            return layer(hidden, ctx)
+
+    base = run(h)
+    skipped = 4
+    # STT's router/transition read x_{t-1}: perturbing token 4 may change token 5's gate, not
+    # its K/V visibility; token 5 is skipped here, so every other token must be unchanged.
+    perturbed = h.clone()
+    perturbed[0, skipped] += 3.0
+    out = run(perturbed)
+    others = torch.arange(10) != skipped
+    assert torch.equal(out[0, others], base[0, others])
+    assert torch.equal(out[0, skipped], perturbed[0, skipped])  # a skipped token keeps H
+    # Control: perturbing a selected token does change the later selected tokens.
+    control = h.clone()
+    control[0, 2] += 3.0
+    changed = (run(control)[0] - base[0]).abs().amax(-1) > 1e-6
+    assert changed[[3, 6, 8, 9]].all()
+    assert not changed[[0, 1, 4, 5, 7]].any()
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_cache_holds_only_kept_entries(kind: str) -> None:
+    model = model_for(kind)
+    ids = ids_for(2, 14, seed=1)
+    valid = torch.ones(2, 14, dtype=torch.bool)
+    valid[1, 9:] = False  # right padding
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        out = model(ids, valid=valid, cache=cache)
+    kept = cache.kept_lengths()
+    for layer in range(4):
+        if layer in out.routing:
+            expected = out.routing[layer].sum(1)
+            assert 0 < expected.sum() < valid.sum(), "test needs a layer that skips some tokens"
+            stored = cache.layers[layer].positions
+            for b in range(2):
+                assert stored[b].tolist() == out.routing[layer][b].nonzero().flatten().tolist()
+        else:
+            expected = valid.sum(1)
+        assert kept[layer].tolist() == expected.tolist()
+    assert cache.seq_lens.tolist() == [14, 9]
+
+
+# --- incremental decoding == full forward with the same decisions ----------------------------
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt", "sdt-gate"])
+def test_decode_equals_full_forward(kind: str) -> None:
+    # float64: any difference beyond rounding (a leaked token, a wrong position) would show.
+    model = model_for(kind, seed=2).double()
+    ids = ids_for(2, 15, seed=3)
+    prompt = 8
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        thr = threshold_for(kind)
+        first = model(ids[:, :prompt], cache=cache, threshold=thr)
+        logits, routing = [first.logits], [first.routing]
+        for t in range(prompt, 15):
+            step = model(ids[:, t : t + 1], cache=cache, threshold=thr)
+            logits.append(step.logits)
+            routing.append(step.routing)
+        decided = {layer: torch.cat([r[layer] for r in routing], 1) for layer in routing[0]}
+        full = model(ids, routing=decided, threshold=thr)
+        free = model(ids, threshold=thr)
+    torch.testing.assert_close(torch.cat(logits, 1), full.logits, atol=1e-10, rtol=1e-12)
+    for layer, mask in decided.items():
+        assert torch.equal(full.routing[layer], mask)
+        # Left to decide by itself, the full forward takes the same decisions (no tie here).
+        assert torch.equal(free.routing[layer], mask)
+        assert 0 < mask.sum() < mask.numel()
+    assert cache.kept_lengths()[1].tolist() == decided[1].sum(1).tolist()
+
+
+# --- gradients reach the gate -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_lm_loss_reaches_gate_parameters(kind: str) -> None:
+    model = model_for(kind, seed=4).train()
+    ids = ids_for(2, 12, seed=5)
+    out = model(ids)
+    lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    lm.backward(retain_graph=True)
+    named = dict(model.named_parameters())
+    for name in ("surprise.o_ce", "surprise.m_cu"):
+        grads = [p.grad for n, p in named.items() if n.endswith(name)]
+        assert grads and all(g is not None and g.abs() > 0 for g in grads), name
+    adapter = "prior" if kind == "sdt" else "transition"
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if adapter in n
+    )
+    # Routers learn from their BCE against the Top-K choice (their input is detached).
+    assert all(p.grad is None for n, p in named.items() if "router" in n)
+    model.zero_grad()
+    out.aux["router_bce"].backward()
+    routers = [p.grad for n, p in named.items() if "router" in n]
+    assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+    expected = {
+        "sdt": {"prior_mse", "router_bce"},
+        "stt": {"transition_mse", "router_bce", "gate_mean"},
+    }
+    assert set(out.aux) == expected[kind]
+
+
+def test_training_uses_capacity() -> None:
+    torch.manual_seed(6)
+    model = build_model(tiny_config("sdt", capacity=0.25)).train()
+    out = model(ids_for(3, 16, seed=6))
+    for mask in out.routing.values():
+        assert mask.sum(1).tolist() == [4, 4, 4]
+
+
+# --- runtime threshold ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt", "sdt-gate"])
+def test_higher_threshold_never_executes_more(kind: str) -> None:
+    # One gated layer: its decisions depend only on the threshold, so monotonicity is exact.
+    model = model_for(kind, layers=2, seed=7)
+    ids = ids_for(2, 20, seed=8)
+    config = model.config
+    previous_flops, previous_mask = None, None
+    seen = set()
+    low, high = (0.6, 0.8) if kind.endswith("gate") else (0.0, 1.0)
+    for threshold in torch.linspace(low, high, 21).tolist():
+        with torch.no_grad():
+            out = model(ids, threshold=threshold)
+        mask = out.routing[1]
+        seen.add(int(mask.sum()))
+        flops = count_flops(config, out.routing, torch.tensor([20, 20]), torch.tensor([20, 20]))
+        total = flops.prompt.flops
+        if previous_flops is not None:
+            assert (total <= previous_flops).all()
+            assert not (mask & ~previous_mask).any()
+        previous_flops, previous_mask = total, mask
+    assert len(seen) > 3, "the sweep should exercise several selection sizes"
+
+
+def test_per_sequence_threshold() -> None:
+    model = model_for("sdt", seed=9)
+    ids = ids_for(1, 16, seed=9).expand(2, 16)
+    with torch.no_grad():
+        out = model(ids, threshold=torch.tensor([0.0, 1.01]))
+    for mask in out.routing.values():
+        assert mask[0].all() and not mask[1].any()
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_all_selected_with_unit_gate_is_the_dense_model(kind: str) -> None:
+    """Every token on the full path and g = 1: the gated model is exactly its dense base."""
+    model = model_for(kind, seed=10)
+    dense = build_model(tiny_config("dense"))
+    dense.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("surprise.o_ce"):
+                param.fill_(1e30)  # log o_ce = 69: S_CE = 1 in float32, so g = 1
+    ids = ids_for(2, 11, seed=11)
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        out = model(ids, threshold=0.0, cache=cache)
+        expected = dense.eval()(ids).logits
+    for layer, mask in out.routing.items():
+        assert mask.all()
+        torch.testing.assert_close(out.gates[layer], torch.ones_like(out.gates[layer]))
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-6)
+    assert cache.kept_lengths().tolist() == [[11, 11]] * 4
