@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from subjective.server.config import Quality, ServerConfig
-from subjective.server.errors import ERROR_TYPES, APIError, install_error_handlers
+from subjective.server.errors import APIError, error_body, install_error_handlers
 from subjective.server.generation import ChoiceDelta, Generator, TokenCounts
 from subjective.server.protocol import (
     AssistantMessage,
@@ -83,18 +83,10 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
         async for event in events:
             yield event
     except APIError as exc:
-        yield sse(_error_payload(exc.status, exc.message, exc.code))
+        yield sse(error_body(exc.status, exc.message, code=exc.code))
     except Exception:  # the client already has a 200: tell it in-band
-        yield sse(_error_payload(500, "The server failed while generating.", None))
+        yield sse(error_body(500, "The server failed while generating."))
     yield "data: [DONE]\n\n"
-
-
-def _error_payload(status: int, message: str, code: str | None) -> ErrorResponse:
-    from subjective.server.protocol import ErrorBody
-
-    return ErrorResponse(
-        error=ErrorBody(message=message, type=ERROR_TYPES.get(status, "server_error"), code=code)
-    )
 
 
 def create_app(config: ServerConfig, engine=None) -> FastAPI:

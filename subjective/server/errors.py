@@ -47,6 +47,20 @@ class APIError(Exception):
         self.headers = headers
 
 
+def error_body(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> ErrorResponse:
+    """The OpenAI error object for a status: in a JSON response, or in-band in a stream."""
+    return ErrorResponse(
+        error=ErrorBody(
+            message=message,
+            type=ERROR_TYPES.get(status, "invalid_request_error"),
+            param=param,
+            code=code,
+        )
+    )
+
+
 def error_response(
     status: int,
     message: str,
@@ -55,14 +69,7 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(
-        error=ErrorBody(
-            message=message,
-            type=ERROR_TYPES.get(status, "invalid_request_error"),
-            param=param,
-            code=code,
-        )
-    )
+    body = error_body(status, message, code=code, param=param)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
