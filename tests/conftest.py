@@ -18,6 +18,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
+from subjective.server.keys import KeyStore, open_key_store  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 DATA_DIR = REPO / "data"
@@ -46,10 +49,58 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`subjective serve` on the real model (eager vLLM), as users run it; yields its base URL."""
+def server_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The real redis-server the test server keeps its keys and usage ledger in."""
+    redis = RedisServer(tmp_path_factory.mktemp("server-redis")).start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@pytest.fixture(scope="session")
+def key_store(server_redis: RedisServer) -> Iterator[KeyStore]:
+    """The test server's key store: create keys here and the server knows them."""
+    store = open_key_store({"REDIS_URL": server_redis.url})
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def user_secret(key_store: KeyStore) -> str:
+    return key_store.create("tests").secret
+
+
+@pytest.fixture(scope="session")
+def admin_secret(key_store: KeyStore) -> str:
+    return key_store.create("tests-admin", admin=True).secret
+
+
+SERVER_PRICE_PER_TFLOP = "0.0025"
+
+
+@pytest.fixture(scope="session")
+def server_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's own files: its log, its pricing file, its ledger spool."""
+    return tmp_path_factory.mktemp("server")
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, server_state: Path, server_redis: RedisServer) -> Iterator[str]:
+    """`subjective serve` on the real model (eager vLLM), as users run it; yields its base URL.
+
+    Keys and usage live in `server_redis`; requests need a key (`user_secret`)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_path = server_state / "server.log"
+    pricing = server_state / "pricing.json"
+    pricing.write_text(f'{{"per_tflop": {{"{SERVED_NAME}": "{SERVER_PRICE_PER_TFLOP}"}}}}')
+    environment = {
+        **_server_environment(),
+        "REDIS_URL": server_redis.url,
+        "SUBJECTIVE_SPOOL_DIR": str(server_state / "spool"),
+    }
     command = [
         sys.executable,
         "-m",
@@ -64,6 +115,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "1",
         "--max-model-len",
         "1024",
+        "--pricing",
+        str(pricing),
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -72,7 +125,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=_server_environment(),
+            env=environment,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -109,7 +162,15 @@ def _wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path
 
 
 @pytest.fixture(scope="session")
-def openai_client(server: str):
+def openai_client(server: str, user_secret: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{server}/v1", api_key=user_secret, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server: str, user_secret: str) -> Iterator[httpx.Client]:
+    """Plain HTTP to the test server with a user key, as curl would send it."""
+    headers = {"authorization": f"Bearer {user_secret}"}
+    with httpx.Client(base_url=server, headers=headers, timeout=120) as client:
+        yield client

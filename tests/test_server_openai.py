@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -99,10 +98,8 @@ def test_unknown_model_is_404(openai_client):
         ({"prompt": ""}, "prompt"),
     ],
 )
-def test_bad_values_are_400_with_openai_error(server, body, param):
-    response = httpx.post(
-        f"{server}/v1/completions", json={"model": SERVED_NAME, **body}, timeout=30
-    )
+def test_bad_values_are_400_with_openai_error(http, body, param):
+    response = http.post("/v1/completions", json={"model": SERVED_NAME, **body})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
@@ -110,12 +107,11 @@ def test_bad_values_are_400_with_openai_error(server, body, param):
     assert error["message"]
 
 
-def test_malformed_json_is_400(server):
-    response = httpx.post(
-        f"{server}/v1/chat/completions",
+def test_malformed_json_is_400(http):
+    response = http.post(
+        "/v1/chat/completions",
         content=b'{"model": "x", "messages": [',
         headers={"content-type": "application/json"},
-        timeout=30,
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -127,12 +123,10 @@ def test_prompt_longer_than_context_is_400(openai_client):
     assert caught.value.body["code"] == "context_length_exceeded"
 
 
-def test_curl_style_chat_request(server):
+def test_curl_style_chat_request(http):
     """What the README shows: a plain JSON POST, no client library."""
-    response = httpx.post(
-        f"{server}/v1/chat/completions",
-        json={"model": SERVED_NAME, "messages": CHAT, "max_tokens": 8},
-        timeout=60,
+    response = http.post(
+        "/v1/chat/completions", json={"model": SERVED_NAME, "messages": CHAT, "max_tokens": 8}
     )
     assert response.status_code == 200
     body = response.json()
@@ -140,6 +134,6 @@ def test_curl_style_chat_request(server):
     assert body["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_openapi_spec_is_served(server):
-    spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
+def test_openapi_spec_is_served(http):
+    spec = http.get("/openapi.json").json()
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(spec["paths"])

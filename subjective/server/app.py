@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from subjective.server.config import Quality, ServerConfig
-from subjective.server.errors import APIError, error_body, install_error_handlers
-from subjective.server.generation import ChoiceDelta, Generator, TokenCounts
+from subjective.model_registry.compute_slots import ENV_VAR as COMPUTE_SLOTS_ENV
+from subjective.model_registry.compute_slots import FrontEndSlots
+from subjective.model_registry.config import ModelConfig
+from subjective.server.account_routes import admin_router, usage_router
+from subjective.server.auth import Authenticator
+from subjective.server.billed_request import Billing
+from subjective.server.config import ServerConfig
+from subjective.server.errors import ERROR_TYPES, APIError, error_body, install_error_handlers
+from subjective.server.generation import ChoiceDelta, Generator
+from subjective.server.keys import open_key_store
+from subjective.server.ledger import open_server_ledger
+from subjective.server.meter import Meter
+from subjective.server.metrics import ServerMetrics
 from subjective.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -30,47 +38,15 @@ from subjective.server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
     Usage,
 )
+from subjective.server.service import CallerDep, Service, ServiceDep
+from subjective.server.threshold import ThresholdControl
+from subjective.server.usage_writer import UsageWriter
 
-
-@dataclass
-class Service:
-    """What the routes need: the served model's name, its generator and the config."""
-
-    config: ServerConfig
-    generator: Generator
-    created: int
-
-    def check_model(self, name: str) -> None:
-        if name != self.config.served_model_name:
-            raise APIError(
-                404,
-                f"The model '{name}' does not exist. This server serves "
-                f"'{self.config.served_model_name}'.",
-                code="model_not_found",
-                param="model",
-            )
-
-    def quality(self, request: SamplingFields) -> Quality:
-        return request.quality or self.config.default_quality
-
-
-def get_service(request: Request) -> Service:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-def usage_of(counts: TokenCounts) -> Usage:
-    completion = counts.total_completion_tokens
-    return Usage(
-        prompt_tokens=counts.prompt_tokens,
-        completion_tokens=completion,
-        total_tokens=counts.prompt_tokens + completion,
-    )
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 503)
+}
 
 
 def sse(payload: BaseModel) -> str:
@@ -90,7 +66,12 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 def create_app(config: ServerConfig, engine=None) -> FastAPI:
-    """The app; builds the vLLM engine at start-up unless one is given."""
+    """The app; builds the vLLM engine at start-up unless one is given.
+
+    Keys, ledger and spool come from the environment (REDIS_URL, SUBJECTIVE_KEYS_PATH,
+    SUBJECTIVE_LEDGER_PATH, SUBJECTIVE_SPOOL_DIR): see `keys.open_key_store` and
+    `ledger.open_server_ledger`.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -98,11 +79,34 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
 
         from subjective.server.engine import build_engine
 
+        model = ModelConfig.from_folder(config.model_dir)
+        config.pricing.rate(config.served_model_name)  # no price, no serving: fail now
+        metrics = ServerMetrics()
+        keys = open_key_store()
+        ledger = open_server_ledger()
+        ledger.start()
+        slots = FrontEndSlots.create()
+        # The engine core (another process) finds the per-request compute table here.
+        os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
         served_engine = engine if engine is not None else build_engine(config)
-        tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        writer = UsageWriter(ledger, metrics)
+        threshold = ThresholdControl(model)
+        if threshold.base is not None:
+            metrics.set_threshold(config.served_model_name, threshold.base)
+        metrics.set_spool_depth(ledger.spool_depth())
+        app.state.authenticator = Authenticator(
+            keys, ledger, allow_anonymous=config.allow_anonymous
+        )
+        app.state.metrics = metrics
         app.state.service = Service(
             config=config,
-            generator=Generator(served_engine, tokenizer, config),
+            generator=Generator(
+                served_engine, AutoTokenizer.from_pretrained(config.model_dir), config
+            ),
+            threshold=threshold,
+            authenticator=app.state.authenticator,
+            billing=Billing(Meter(model, slots), config.pricing, writer, metrics),
+            ledger=ledger,
             created=int(time.time()),
         )
         try:
@@ -110,16 +114,36 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
         finally:
             if engine is None:
                 served_engine.shutdown()
+            writer.close()
+            ledger.close()
+            keys.close()
+            slots.close()
 
     app = FastAPI(title="subjective", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_rejections(request: Request, call_next):
+        response = await call_next(request)
+        if 400 <= response.status_code < 500 and request.url.path.startswith("/v1/"):
+            request.app.state.metrics.observe_rejected(
+                model=config.served_model_name,
+                status_code=response.status_code,
+                error_type=ERROR_TYPES.get(response.status_code, "invalid_request_error"),
+            )
+        return response
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        body, content_type = request.app.state.metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models(service: ServiceDep) -> ModelList:
+    async def list_models(service: ServiceDep, _: CallerDep) -> ModelList:
         card = ModelCard(
             id=config.served_model_name,
             created=service.created,
@@ -131,73 +155,62 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
         "/v1/completions",
         response_model=CompletionResponse,
         response_model_exclude_none=True,
-        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+        responses=ERROR_RESPONSES,
     )
-    async def create_completion(body: CompletionRequest, service: ServiceDep):
-        service.check_model(body.model)
-        generator = service.generator
-        prompts = generator.completion_prompts(body)
-        params = generator.sampling_params(body, prompts, body.max_tokens, service.quality(body))
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        counts = TokenCounts(prompt_tokens=sum(len(p) for p in prompts))
-        deltas = generator.stream(request_id, prompts, params)
+    async def create_completion(body: CompletionRequest, service: ServiceDep, key: CallerDep):
+        prompts = service.generator.completion_prompts(body)
+        run, deltas = await service.begin(key, body, prompts, body.max_tokens, "cmpl")
         created = int(time.time())
+
+        def response(choices: list[CompletionChoice], usage: Usage | None = None):
+            return CompletionResponse(
+                id=run.request_id, created=created, model=body.model, choices=choices, usage=usage
+            )
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def events() -> AsyncIterator[str]:
-                async for delta in deltas:
-                    counts.add(delta)
-                    choice = CompletionChoice(
-                        index=delta.index, text=delta.text, finish_reason=delta.finish_reason
-                    )
-                    yield sse(
-                        CompletionResponse(
-                            id=request_id, created=created, model=body.model, choices=[choice]
+                async with aclosing(deltas):
+                    async for delta in deltas:
+                        yield sse(
+                            response(
+                                [
+                                    CompletionChoice(
+                                        index=delta.index,
+                                        text=delta.text,
+                                        finish_reason=delta.finish_reason,
+                                    )
+                                ]
+                            )
                         )
-                    )
+                await run.stored()
                 if include_usage:
-                    yield sse(
-                        CompletionResponse(
-                            id=request_id,
-                            created=created,
-                            model=body.model,
-                            choices=[],
-                            usage=usage_of(counts),
-                        )
-                    )
+                    yield sse(response([], run.usage()))
 
             return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
-        texts, finish = await _collect(deltas, counts)
-        choices = [
-            CompletionChoice(index=i, text=texts[i], finish_reason=finish[i]) for i in sorted(texts)
-        ]
-        return CompletionResponse(
-            id=request_id,
-            created=created,
-            model=body.model,
-            choices=choices,
-            usage=usage_of(counts),
+        texts, finish = await _collect(deltas)
+        await run.stored()
+        return response(
+            [
+                CompletionChoice(index=i, text=texts[i], finish_reason=finish[i])
+                for i in sorted(texts)
+            ],
+            run.usage(),
         )
 
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         response_model_exclude_none=True,
-        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+        responses=ERROR_RESPONSES,
     )
-    async def create_chat_completion(body: ChatCompletionRequest, service: ServiceDep):
-        service.check_model(body.model)
-        generator = service.generator
-        prompt = generator.chat_prompt(body)
-        params = generator.sampling_params(
-            body, [prompt], body.token_budget(), service.quality(body)
-        )
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        counts = TokenCounts(prompt_tokens=len(prompt))
-        deltas = generator.stream(request_id, [prompt], params)
+    async def create_chat_completion(
+        body: ChatCompletionRequest, service: ServiceDep, key: CallerDep
+    ):
+        prompt = service.generator.chat_prompt(body)
+        run, deltas = await service.begin(key, body, [prompt], body.token_budget(), "chatcmpl")
         created = int(time.time())
 
         if body.stream:
@@ -206,7 +219,7 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
             def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
                 return sse(
                     ChatCompletionChunk(
-                        id=request_id,
+                        id=run.request_id,
                         created=created,
                         model=body.model,
                         choices=choices,
@@ -221,45 +234,49 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
                         for i in range(body.n)
                     ]
                 )
-                async for delta in deltas:
-                    counts.add(delta)
-                    yield chunk(
-                        [
-                            ChatChunkChoice(
-                                index=delta.index,
-                                delta=ChatDelta(content=delta.text),
-                                finish_reason=delta.finish_reason,
-                            )
-                        ]
-                    )
+                async with aclosing(deltas):
+                    async for delta in deltas:
+                        yield chunk(
+                            [
+                                ChatChunkChoice(
+                                    index=delta.index,
+                                    delta=ChatDelta(content=delta.text),
+                                    finish_reason=delta.finish_reason,
+                                )
+                            ]
+                        )
+                await run.stored()
                 if include_usage:
-                    yield chunk([], usage_of(counts))
+                    yield chunk([], run.usage())
 
             return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
-        texts, finish = await _collect(deltas, counts)
+        texts, finish = await _collect(deltas)
+        await run.stored()
         choices = [
             ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i])
             for i in sorted(texts)
         ]
         return ChatCompletionResponse(
-            id=request_id,
+            id=run.request_id,
             created=created,
             model=body.model,
             choices=choices,
-            usage=usage_of(counts),
+            usage=run.usage(),
         )
 
+    app.include_router(usage_router)
+    app.include_router(admin_router)
     return app
 
 
 async def _collect(
-    deltas: AsyncIterator[ChoiceDelta], counts: TokenCounts
+    deltas: AsyncGenerator[ChoiceDelta, None],
 ) -> tuple[dict[int, str], dict[int, str | None]]:
     texts: dict[int, str] = {}
     finish: dict[int, str | None] = {}
-    async for delta in deltas:
-        counts.add(delta)
-        texts[delta.index] = texts.get(delta.index, "") + delta.text
-        finish[delta.index] = delta.finish_reason
+    async with aclosing(deltas):
+        async for delta in deltas:
+            texts[delta.index] = texts.get(delta.index, "") + delta.text
+            finish[delta.index] = delta.finish_reason
     return texts, finish

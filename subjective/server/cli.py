@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from subjective.paths import DEFAULT_MODEL
-from subjective.server.config import QUALITY_LEVELS, ServerConfig
+from subjective.server.config import QUALITY_LEVELS, ServerConfig, load_pricing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--eager", action="store_true", help="skip torch.compile: loads ~5x faster, runs slower"
     )
     parser.add_argument("--default-quality", choices=QUALITY_LEVELS, default="conservative")
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve requests without an API key (as key 'anonymous'); admin routes still need one",
+    )
+    parser.add_argument(
+        "--pricing",
+        type=Path,
+        help='JSON {"currency", "default", "per_tflop": {model: rate}}; rates per TFLOP as strings',
+    )
     parser.set_defaults(handler=serve)
 
 
@@ -44,6 +54,8 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib,
         enforce_eager=args.eager,
         default_quality=args.default_quality,
+        allow_anonymous=args.allow_anonymous,
+        **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),
     )
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
     return 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from subjective.server.ledger.pricing import Pricing
 
 Quality = Literal["aggressive", "conservative"]
 QUALITY_LEVELS: tuple[Quality, ...] = ("aggressive", "conservative")
@@ -23,3 +26,22 @@ class ServerConfig:
     # vLLM's CPU backend sizes its KV cache from this (GiB); its default probe is unreliable.
     kv_cache_gib: int = 2
     default_quality: Quality = "conservative"
+    # Without a key, requests run as the `anonymous` key (`make serve` on a laptop); never
+    # for admin routes.
+    allow_anonymous: bool = False
+    pricing: Pricing = field(default_factory=lambda: Pricing(default=DEFAULT_PRICE_PER_TFLOP))
+
+
+# Currency units per TFLOP executed, for models the pricing file does not name.
+DEFAULT_PRICE_PER_TFLOP = "0.0001"
+
+
+def load_pricing(path: Path) -> Pricing:
+    """`{"currency": "USD", "default": "0.0001", "per_tflop": {"model": "0.0002"}}`; rates
+    as strings, so no float rounding reaches a bill."""
+    raw = json.loads(path.read_text())
+    return Pricing(
+        per_tflop=raw.get("per_tflop", {}),
+        default=raw.get("default"),
+        currency=raw.get("currency", "USD"),
+    )

@@ -10,8 +10,9 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from subjective.server.config import Quality, ServerConfig
+from subjective.server.config import ServerConfig
 from subjective.server.errors import APIError
+from subjective.server.meter import EngineTally
 from subjective.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
@@ -23,23 +24,47 @@ class ChoiceDelta:
     text: str
     new_tokens: int
     finish_reason: str | None
+    cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache
 
 
 @dataclass
 class TokenCounts:
-    """Tokens of one API request so far: what usage reports and the meter bills."""
+    """Tokens of one API request so far: what usage reports and the meter bills.
 
-    prompt_tokens: int = 0
+    Choice `i` is sample `i % n` of prompt `i // n`.
+    """
+
+    prompt_lengths: list[int]
+    n: int = 1
     completion_tokens: dict[int, int] = field(default_factory=dict)
+    cached_tokens: dict[int, int] = field(default_factory=dict)
 
     def add(self, delta: ChoiceDelta) -> None:
         self.completion_tokens[delta.index] = (
             self.completion_tokens.get(delta.index, 0) + delta.new_tokens
         )
+        prompt = delta.index // self.n
+        self.cached_tokens[prompt] = max(self.cached_tokens.get(prompt, 0), delta.cached_tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompt_lengths)
 
     @property
     def total_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())
+
+    def tallies(self) -> list[EngineTally]:
+        """One per choice, as the dense meter counts them."""
+        return [
+            EngineTally(
+                prompt_tokens=length,
+                cached_tokens=self.cached_tokens.get(prompt, 0),
+                completion_tokens=self.completion_tokens.get(prompt * self.n + sample, 0),
+            )
+            for prompt, length in enumerate(self.prompt_lengths)
+            for sample in range(self.n)
+        ]
 
 
 class Generator:
@@ -74,21 +99,12 @@ class Generator:
             raise APIError(400, "The prompt is empty.", param="prompt")
         return ids
 
-    def sampling_params(
-        self,
-        request: SamplingFields,
-        prompts: Sequence[list[int]],
-        max_tokens: int | None,
-        quality: Quality,
-    ):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+    def max_tokens(self, prompts: Sequence[list[int]], requested: int | None) -> int:
+        """The completion budget; 400 `context_length_exceeded` if it cannot fit."""
         limit = self.config.max_model_len
         longest = max(len(p) for p in prompts)
-        if max_tokens is None:
-            max_tokens = limit - longest
-        if longest + max_tokens > limit:
+        max_tokens = limit - longest if requested is None else requested
+        if longest + max_tokens > limit or max_tokens < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you "
@@ -97,6 +113,16 @@ class Generator:
                 code="context_length_exceeded",
                 param="max_tokens" if longest < limit else "prompt",
             )
+        return max_tokens
+
+    def sampling_params(
+        self, request: SamplingFields, max_tokens: int, extra_args: dict[str, object]
+    ):
+        """vLLM's SamplingParams; `extra_args` (quality, threshold, meter slot) reach the
+        model plugin's gate and meter (DESIGN.md §4, §5)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
         return SamplingParams(
             n=request.n,
             max_tokens=max_tokens,
@@ -107,8 +133,7 @@ class Generator:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
-            # The model plugin reads the quality knob from here (DESIGN.md §4).
-            extra_args={"quality": quality},
+            extra_args=extra_args,
         )
 
     async def stream(
@@ -132,6 +157,7 @@ class Generator:
                                 text=sample.text,
                                 new_tokens=len(sample.token_ids),
                                 finish_reason=sample.finish_reason,
+                                cached_tokens=output.num_cached_tokens or 0,
                             )
                         )
                 await queue.put(None)

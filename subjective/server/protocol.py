@@ -84,10 +84,15 @@ class ComputeUsage(BaseModel):
     kv_entries_dense: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # served from vLLM's prefix cache: not executed, not billed
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     compute: ComputeUsage | None = None
 
 

@@ -1,0 +1,126 @@
+"""Who is calling, and may they run now: API keys, admin rights, request rate, FLOP budget.
+
+Keys come as `Authorization: Bearer <secret>` (what the OpenAI clients send). A missing or
+unknown key is a 401, a non-admin key on an admin route a 403, and a key over its requests
+per minute or over its executed-FLOP budget for the current period a 429 with Retry-After.
+Budgets are read from the ledger, so every replica sharing it enforces the same spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime
+
+from fastapi import Request
+
+from subjective.server.errors import APIError
+from subjective.server.keys import ApiKey, KeyStore, KeyStoreUnavailable
+from subjective.server.ledger import Ledger, LedgerUnavailable
+
+# Whoever calls without a key when the server allows it (`subjective serve --allow-anonymous`).
+ANONYMOUS = ApiKey(id="anonymous", name="anonymous")
+WINDOW_S = 60.0
+
+
+class RateLimiter:
+    """Sliding one-minute window of admitted requests per key, in this process."""
+
+    def __init__(self) -> None:
+        self._admitted: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, key: ApiKey, now: float | None = None) -> float | None:
+        """None if the request may run (and counts it), else seconds until it may."""
+        if key.rpm is None:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._admitted.setdefault(key.id, deque())
+            while times and times[0] <= now - WINDOW_S:
+                times.popleft()
+            if len(times) >= key.rpm:
+                return times[0] + WINDOW_S - now if times else WINDOW_S
+            times.append(now)
+            return None
+
+
+class Authenticator:
+    def __init__(self, keys: KeyStore, ledger: Ledger, *, allow_anonymous: bool = False) -> None:
+        self.keys = keys
+        self.ledger = ledger
+        self.allow_anonymous = allow_anonymous
+        self.rates = RateLimiter()
+
+    async def identify(self, authorization: str | None) -> ApiKey:
+        if not authorization:
+            if self.allow_anonymous:
+                return ANONYMOUS
+            raise APIError(
+                401,
+                "You didn't provide an API key. Send 'Authorization: Bearer <key>' "
+                "(create one with `subjective keys create`).",
+                code="invalid_api_key",
+            )
+        scheme, _, secret = authorization.partition(" ")
+        key = None
+        if scheme.lower() == "bearer" and secret.strip():
+            try:
+                key = await asyncio.to_thread(self.keys.verify, secret.strip())
+            except KeyStoreUnavailable as error:
+                raise APIError(503, "The key store is unavailable; retry shortly.") from error
+        if key is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return key
+
+    async def admit(self, key: ApiKey) -> None:
+        """Raise 429 when the key is over its rate or its FLOP budget."""
+        if (wait := self.rates.admit(key)) is not None:
+            raise _too_many(
+                f"Rate limit reached: {key.rpm} requests per minute.",
+                "rate_limit_exceeded",
+                wait,
+            )
+        if key.flops_budget is None:
+            return
+        start, end = key.budget_window()
+        try:
+            spent = await asyncio.to_thread(self.ledger.totals, key.id, start, end)
+        except LedgerUnavailable as error:
+            raise APIError(503, "The usage ledger is unavailable; retry shortly.") from error
+        if spent.flops >= key.flops_budget:
+            raise _too_many(
+                f"Compute budget exhausted: {spent.flops} of {key.flops_budget} FLOPs this "
+                f"{key.budget_period}. It renews at {end.isoformat()}.",
+                "insufficient_quota",
+                (end - datetime.now(UTC)).total_seconds(),
+            )
+
+
+def _too_many(message: str, code: str, retry_after_s: float) -> APIError:
+    seconds = max(1, math.ceil(retry_after_s))
+    return APIError(429, message, code=code, headers={"Retry-After": str(seconds)})
+
+
+def get_authenticator(request: Request) -> Authenticator:
+    return request.app.state.authenticator
+
+
+async def caller(request: Request) -> ApiKey:
+    """Dependency of every /v1 route: the identified key.
+
+    Rate and budget are checked by the route once the request is valid (`Authenticator.admit`),
+    so a request rejected as invalid never uses up a key's allowance.
+    """
+    return await get_authenticator(request).identify(request.headers.get("authorization"))
+
+
+async def admin_key(request: Request) -> ApiKey:
+    """Dependency of `/admin/*`: an admin key; anonymous callers never are."""
+    key = await caller(request)
+    if not key.admin:
+        raise APIError(403, "This route needs an admin key.", code="admin_required")
+    return key

@@ -1,0 +1,154 @@
+"""One API request from admission to its one usage record.
+
+The request's outputs pass through `deltas`; however they end (finished, client gone,
+engine failure) the request settles exactly once: the meter reads what it executed, the
+record is handed to the ledger writer and the metrics observe it. Work done before a stop is
+billed, with status `cancelled` or `error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from subjective.server.generation import ChoiceDelta, TokenCounts
+from subjective.server.keys import ApiKey
+from subjective.server.ledger import Pricing, Status, UsageRecord, WriteResult
+from subjective.server.meter import Compute, Meter, Ticket
+from subjective.server.metrics import ServerMetrics
+from subjective.server.protocol import PromptTokensDetails, Usage
+from subjective.server.usage_writer import UsageWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Billing:
+    """Where a settled request goes: shared by every request of a server."""
+
+    meter: Meter
+    pricing: Pricing
+    writer: UsageWriter
+    metrics: ServerMetrics
+
+
+class BilledRequest:
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        key: ApiKey,
+        model: str,
+        quality: str,
+        threshold: float | None,
+        counts: TokenCounts,
+        ticket: Ticket,
+        billing: Billing,
+    ) -> None:
+        self.request_id = request_id
+        self.key = key
+        self.model = model
+        self.quality = quality
+        self.threshold = threshold
+        self.counts = counts
+        self.ticket = ticket
+        self.billing = billing
+        self.started_at = datetime.now(UTC)
+        self._start = time.perf_counter()
+        self._first_token: float | None = None
+        self._last_token: float | None = None
+        self.compute: Compute | None = None
+        self._stored: Future[WriteResult] | None = None
+
+    async def deltas(self, source: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+        status = Status.ERROR
+        try:
+            async for delta in source:
+                self.counts.add(delta)
+                if delta.new_tokens:
+                    now = time.perf_counter()
+                    self._first_token = self._first_token or now
+                    self._last_token = now
+                yield delta
+            status = Status.COMPLETED
+        except (asyncio.CancelledError, GeneratorExit):
+            status = Status.CANCELLED
+            raise
+        finally:
+            self.settle(status)
+
+    def settle(self, status: Status) -> None:
+        """Meter, record and observe the request; later calls do nothing. Never blocks."""
+        if self.compute is not None:
+            return
+        billing = self.billing
+        self.compute = billing.meter.close(self.ticket, self.counts.tallies())
+        end = time.perf_counter()
+        completion = self.counts.total_completion_tokens
+        record = UsageRecord(
+            request_id=self.request_id,
+            api_key_id=self.key.id,
+            model=self.model,
+            quality=self.quality,
+            threshold=self.threshold,
+            prompt_tokens=self.counts.prompt_tokens,
+            completion_tokens=completion,
+            flops=self.compute.flops,
+            dense_flops=self.compute.dense_flops,
+            kv_entries=self.compute.kv_entries,
+            kv_entries_dense=self.compute.kv_entries_dense,
+            price_nanos=billing.pricing.price_nanos(self.model, self.compute.flops),
+            started_at=self.started_at,
+            finished_at=datetime.now(UTC),
+            status=status,
+        )
+        self._stored = billing.writer.submit(record)
+        first, last = self._first_token, self._last_token
+        billing.metrics.observe_request(
+            model=self.model,
+            quality=self.quality,
+            status=status.value,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=completion,
+            flops=record.flops,
+            dense_flops=record.dense_flops,
+            kv_entries=record.kv_entries,
+            kv_entries_dense=record.kv_entries_dense,
+            token_layers=self.compute.token_layers,
+            token_layers_skipped=self.compute.token_layers_skipped,
+            ttft_s=None if first is None else first - self._start,
+            tpot_s=(
+                (last - first) / (completion - 1)
+                if first is not None and last is not None and completion > 1
+                else None
+            ),
+            e2e_s=end - self._start,
+        )
+
+    async def stored(self) -> None:
+        """Wait until the record is in the ledger (or its spool); a failure is only logged."""
+        if self._stored is None:
+            raise RuntimeError("the request has not settled")
+        try:
+            await asyncio.wrap_future(self._stored)
+        except Exception:
+            log.error("usage of %s was not stored (see the writer's log)", self.request_id)
+
+    def usage(self) -> Usage:
+        if self.compute is None:
+            raise RuntimeError("the request has not settled")
+        completion = self.counts.total_completion_tokens
+        return Usage(
+            prompt_tokens=self.counts.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.counts.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(self.counts.cached_tokens.values())
+            ),
+            compute=self.compute.usage(),
+        )

@@ -1,0 +1,119 @@
+"""The meter's front-end half: what one API request executed, from the worker or by count.
+
+Models served by our vLLM plugin count their executed FLOPs per request inside the worker,
+from the routing decisions taken, into a compute slot the front end lends the request
+(`model_registry.compute_slots`). A model vLLM serves without the plugin (a plain Llama)
+writes nothing there; for it every token took the full path, so the same `count_flops` gives
+the figure from the tokens vLLM reports it ran (prompt tokens not served from vLLM's prefix
+cache, plus every generated token fed back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from subjective.model_registry.compute_slots import (
+    EXTRA_ARG_SLOT,
+    EXTRA_ARG_TAG,
+    ComputeCounts,
+    FrontEndSlots,
+)
+from subjective.model_registry.config import ModelConfig, RoutingConfig
+from subjective.model_registry.flops import count_flops
+from subjective.server.protocol import ComputeUsage
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What one API request executed, all its prompts and samples together."""
+
+    flops: int = 0
+    dense_flops: int = 0
+    kv_entries: int = 0
+    kv_entries_dense: int = 0
+    token_layers: int = 0
+    token_layers_skipped: int = 0
+
+    def __add__(self, other: Compute) -> Compute:
+        return Compute(
+            self.flops + other.flops,
+            self.dense_flops + other.dense_flops,
+            self.kv_entries + other.kv_entries,
+            self.kv_entries_dense + other.kv_entries_dense,
+            self.token_layers + other.token_layers,
+            self.token_layers_skipped + other.token_layers_skipped,
+        )
+
+    def usage(self) -> ComputeUsage:
+        saved = 1.0 - self.flops / self.dense_flops if self.dense_flops else 0.0
+        return ComputeUsage(
+            flops=self.flops,
+            dense_flops=self.dense_flops,
+            saved_ratio=saved,
+            kv_entries=self.kv_entries,
+            kv_entries_dense=self.kv_entries_dense,
+        )
+
+    @classmethod
+    def of_counts(cls, counts: ComputeCounts) -> Compute:
+        return cls(
+            counts.flops,
+            counts.dense_flops,
+            counts.kv_entries,
+            counts.kv_entries_dense,
+            counts.token_layers,
+            counts.token_layers_skipped,
+        )
+
+
+@dataclass(frozen=True)
+class EngineTally:
+    """One engine request (one prompt, one sample) as vLLM reported it."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Ticket:
+    slot: int
+    tag: int
+
+    def extra_args(self) -> dict[str, int]:
+        return {EXTRA_ARG_SLOT: self.slot, EXTRA_ARG_TAG: self.tag}
+
+
+class Meter:
+    def __init__(self, model: ModelConfig, slots: FrontEndSlots) -> None:
+        self.model = model
+        self.slots = slots
+        # The plain-Llama count: every layer on the full path.
+        self._dense = replace(model, routing=RoutingConfig())
+
+    def open(self) -> Ticket:
+        return Ticket(*self.slots.acquire())
+
+    def close(self, ticket: Ticket, tallies: list[EngineTally]) -> Compute:
+        """The request's compute; the slot goes back to the pool."""
+        try:
+            counts = self.slots.read(ticket.slot)
+        finally:
+            self.slots.release(ticket.slot)
+        if counts.metered:
+            return Compute.of_counts(counts)
+        return sum((self.dense_compute(t) for t in tallies), Compute())
+
+    def dense_compute(self, tally: EngineTally) -> Compute:
+        """Full-path FLOPs of the tokens vLLM ran: the prompt past its cached prefix, then
+        each generated token but the last (the last one is sampled, never fed back)."""
+        fed = tally.prompt_tokens + max(tally.completion_tokens - 1, 0)
+        ran = count_flops(self._dense, {}, [fed], [tally.prompt_tokens])
+        flops = int(ran.prompt.flops[0] + ran.completion.flops[0])
+        kv = int(ran.prompt.kv_entries[0] + ran.completion.kv_entries[0])
+        if tally.cached_tokens:
+            # The cached prefix alone; a prompt length past it keeps its LM head out.
+            cached = count_flops(self._dense, {}, [tally.cached_tokens], [tally.cached_tokens + 1])
+            flops -= int(cached.prompt.flops[0])
+            kv -= int(cached.prompt.kv_entries[0])
+        return Compute(flops, flops, kv, kv)

@@ -1,0 +1,88 @@
+"""The served model and its billing, as the routes see it (a FastAPI dependency)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from subjective.server.auth import Authenticator, admin_key, caller
+from subjective.server.billed_request import BilledRequest, Billing
+from subjective.server.config import ServerConfig
+from subjective.server.errors import APIError
+from subjective.server.generation import ChoiceDelta, Generator, TokenCounts
+from subjective.server.keys import ApiKey
+from subjective.server.ledger import SpoolingLedger
+from subjective.server.protocol import SamplingFields
+from subjective.server.threshold import ThresholdControl
+
+
+@dataclass
+class Service:
+    """What the routes need: the served model, its generator, threshold and billing."""
+
+    config: ServerConfig
+    generator: Generator
+    threshold: ThresholdControl
+    authenticator: Authenticator
+    billing: Billing
+    ledger: SpoolingLedger
+    created: int
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.served_model_name:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist. This server serves "
+                f"'{self.config.served_model_name}'.",
+                code="model_not_found",
+                param="model",
+            )
+
+    async def begin(
+        self,
+        key: ApiKey,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        id_prefix: str,
+    ) -> tuple[BilledRequest, AsyncGenerator[ChoiceDelta, None]]:
+        """Validate, admit (rate, budget), then start the request on the engine."""
+        self.check_model(body.model)
+        budget = self.generator.max_tokens(prompts, max_tokens)
+        await self.authenticator.admit(key)
+        quality = body.quality or self.config.default_quality
+        threshold = self.threshold.for_quality(quality)
+        ticket = self.billing.meter.open()
+        extra_args: dict[str, object] = {"quality": quality, **ticket.extra_args()}
+        if threshold is not None:
+            extra_args["threshold"] = threshold
+        try:
+            params = self.generator.sampling_params(body, budget, extra_args)
+        except ValueError as error:  # vLLM's own checks of the sampling parameters
+            self.billing.meter.slots.release(ticket.slot)
+            raise APIError(400, str(error)) from error
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        run = BilledRequest(
+            request_id=request_id,
+            key=key,
+            model=body.model,
+            quality=quality,
+            threshold=threshold,
+            counts=TokenCounts(prompt_lengths=[len(p) for p in prompts], n=body.n),
+            ticket=ticket,
+            billing=self.billing,
+        )
+        return run, run.deltas(self.generator.stream(request_id, prompts, params))
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+CallerDep = Annotated[ApiKey, Depends(caller)]
+AdminDep = Annotated[ApiKey, Depends(admin_key)]
