@@ -86,10 +86,10 @@ def _build(registry: CollectorRegistry) -> _Collectors:
             "subjective_kv_entries_dense", "KV-cache entries a dense model would have written."
         ),
         token_layers=counter(
-            "subjective_token_layers", "(token, layer) pairs routed: full path or skipped."
+            "subjective_token_layers", "(token, gated layer) pairs the router decided."
         ),
         token_layers_skipped=counter(
-            "subjective_token_layers_skipped", "(token, layer) pairs that took the cheap path."
+            "subjective_token_layers_skipped", "Of those, the pairs that took the cheap path."
         ),
         ttft=histogram(
             "subjective_time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
