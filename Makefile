@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: serve test setup system-deps lint
 
 serve: setup $(MODEL)/config.json
-	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000
+	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000 --allow-anonymous
 
 test: setup $(MODEL)/config.json data/validation.txt
 	$(VENV)/bin/python -m pytest

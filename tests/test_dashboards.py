@@ -226,9 +226,14 @@ def test_every_dashboard_query_answers_on_the_real_server(
     prometheus = start_prometheus(f"{server}/metrics")
     for _ in range(2):  # rate() needs two scraped samples that differ
         for quality in ("aggressive", "conservative"):
-            openai_client.completions.create(
-                model=SERVED_NAME, prompt="1, 2, 3,", max_tokens=4, extra_body={"quality": quality}
+            stream = openai_client.completions.create(  # TTFT and TPOT come from streams
+                model=SERVED_NAME,
+                prompt="1, 2, 3,",
+                max_tokens=4,
+                stream=True,
+                extra_body={"quality": quality},
             )
+            assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
         with pytest.raises(openai.NotFoundError):
             openai_client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
         prometheus.wait_for_scrapes(2)

@@ -65,8 +65,8 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(config: ServerConfig, engine=None) -> FastAPI:
-    """The app; builds the vLLM engine at start-up unless one is given.
+def create_app(config: ServerConfig) -> FastAPI:
+    """The app; builds the vLLM engine at start-up (`app.state.service.generator.engine`).
 
     Keys, ledger and spool come from the environment (REDIS_URL, SUBJECTIVE_KEYS_PATH,
     SUBJECTIVE_LEDGER_PATH, SUBJECTIVE_SPOOL_DIR): see `keys.open_key_store` and
@@ -88,7 +88,7 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
         slots = FrontEndSlots.create()
         # The engine core (another process) finds the per-request compute table here.
         os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
-        served_engine = engine if engine is not None else build_engine(config)
+        served_engine = build_engine(config)
         writer = UsageWriter(ledger, metrics)
         threshold = ThresholdControl(model)
         if threshold.base is not None:
@@ -112,8 +112,7 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
         try:
             yield
         finally:
-            if engine is None:
-                served_engine.shutdown()
+            served_engine.shutdown()
             writer.close()
             ledger.close()
             keys.close()

@@ -49,6 +49,7 @@ class BilledRequest:
         counts: TokenCounts,
         ticket: Ticket,
         billing: Billing,
+        streamed: bool,
     ) -> None:
         self.request_id = request_id
         self.key = key
@@ -58,6 +59,8 @@ class BilledRequest:
         self.counts = counts
         self.ticket = ticket
         self.billing = billing
+        # Only a stream sees tokens as they come: TTFT and time per token are its figures.
+        self.streamed = streamed
         self.started_at = datetime.now(UTC)
         self._start = time.perf_counter()
         self._first_token: float | None = None
@@ -108,7 +111,7 @@ class BilledRequest:
             status=status,
         )
         self._stored = billing.writer.submit(record)
-        first, last = self._first_token, self._last_token
+        first, last = (self._first_token, self._last_token) if self.streamed else (None, None)
         billing.metrics.observe_request(
             model=self.model,
             quality=self.quality,

@@ -119,7 +119,8 @@ class Generator:
         self, request: SamplingFields, max_tokens: int, extra_args: dict[str, object]
     ):
         """vLLM's SamplingParams; `extra_args` (quality, threshold, meter slot) reach the
-        model plugin's gate and meter (DESIGN.md §4, §5)."""
+        model plugin's gate and meter (DESIGN.md §4, §5). A stream gets every step's new
+        tokens; otherwise the engine sends each request's output once, at its end."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -132,7 +133,7 @@ class Generator:
             seed=request.seed,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
             extra_args=extra_args,
         )
 

@@ -75,6 +75,7 @@ class Service:
             counts=TokenCounts(prompt_lengths=[len(p) for p in prompts], n=body.n),
             ticket=ticket,
             billing=self.billing,
+            streamed=body.stream,
         )
         return run, run.deltas(self.generator.stream(request_id, prompts, params))
 
