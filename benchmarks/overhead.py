@@ -136,6 +136,12 @@ async def run(args: argparse.Namespace) -> dict:
         "engine_median_ms": round(engine_ms, 2),
         "server_median_ms": round(server_ms, 2),
         "median_latency_ratio": round(server_ms / engine_ms, 4),
+        # Requests i of both paths ran back to back: their difference cancels slow drifts.
+        "median_paired_difference_ms": round(
+            statistics.median(s - e for s, e in zip(server_s, engine_s, strict=True)) * 1000, 2
+        ),
+        "engine_p10_p90_ms": [round(q * 1000, 2) for q in deciles(engine_s)],
+        "server_p10_p90_ms": [round(q * 1000, 2) for q in deciles(server_s)],
         "max_tokens": args.max_tokens,
         "completion_tokens": sorted(tokens),
         "enforce_eager": args.eager,
@@ -146,6 +152,11 @@ async def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
     }
+
+
+def deciles(samples: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(samples, n=10)
+    return cuts[0], cuts[-1]
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from subjective.server.keys import KeyStore, open_key_store  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.redis_server import RedisServer, redis_server  # noqa: E402, F401 - a fixture for all
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"

@@ -14,13 +14,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from subjective.model_registry.compute_slots import FIELDS, FrontEndSlots, WorkerSlots
 from subjective.model_registry.convert import build_model
 from subjective.model_registry.tiny import tiny_config
-from subjective.server.auth import ANONYMOUS, Authenticator, RateLimiter
+from subjective.server.auth import ANONYMOUS, Authenticator
 from subjective.server.errors import APIError
 from subjective.server.keys import ApiKey, KeyStore, SQLiteKeyStorage
 from subjective.server.ledger import UsageRecord
 from subjective.server.ledger.sqlite_backend import SQLiteLedger
 from subjective.server.meter import EngineTally, Meter
+from subjective.server.rate_limit import LocalRateLimiter, RedisRateLimiter
 from subjective.server.threshold import ThresholdControl
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -107,14 +109,17 @@ def test_threshold_control_shifts_by_quality_and_refuses_bad_values() -> None:
     assert refused.value.code == "no_threshold"
 
 
-def test_rate_limiter_slides_over_one_minute() -> None:
-    limiter = RateLimiter()
-    key = ApiKey(id="k", name="k", rpm=2)
-    assert limiter.admit(key, now=0.0) is None
-    assert limiter.admit(key, now=10.0) is None
-    assert limiter.admit(key, now=20.0) == pytest.approx(40.0)
-    assert limiter.admit(key, now=60.5) is None  # the first one left the window
-    assert limiter.admit(ApiKey(id="free", name="free"), now=0.0) is None
+def test_rate_limiter_slides_over_one_minute(redis_server: RedisServer) -> None:
+    """In memory, and in Redis shared by two replicas: the same window."""
+    shared = RedisRateLimiter(redis_server.url)
+    replicas = [(LocalRateLimiter(),) * 2, (shared, RedisRateLimiter(redis_server.url))]
+    for first, second in replicas:
+        key = ApiKey(id="k", name="k", rpm=2)
+        assert first.admit(key, now=1000.0) is None
+        assert second.admit(key, now=1010.0) is None
+        assert first.admit(key, now=1020.0) == pytest.approx(40.0)
+        assert second.admit(key, now=1060.5) is None  # the first one left the window
+        assert second.admit(ApiKey(id="free", name="free"), now=1000.0) is None
 
 
 def test_authenticator_identifies_keys_and_enforces_the_budget(tmp_path: Path) -> None:

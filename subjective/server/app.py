@@ -40,6 +40,7 @@ from subjective.server.protocol import (
     ModelList,
     Usage,
 )
+from subjective.server.rate_limit import open_rate_limiter
 from subjective.server.service import CallerDep, Service, ServiceDep
 from subjective.server.threshold import ThresholdControl
 from subjective.server.usage_writer import UsageWriter
@@ -95,7 +96,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             metrics.set_threshold(config.served_model_name, threshold.base)
         metrics.set_spool_depth(ledger.spool_depth())
         app.state.authenticator = Authenticator(
-            keys, ledger, allow_anonymous=config.allow_anonymous
+            keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
         )
         app.state.metrics = metrics
         app.state.service = Service(

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
-import time
-from collections import deque
 from datetime import UTC, datetime
 
 from fastapi import Request
@@ -20,40 +17,25 @@ from fastapi import Request
 from subjective.server.errors import APIError
 from subjective.server.keys import ApiKey, KeyStore, KeyStoreUnavailable
 from subjective.server.ledger import Ledger, LedgerUnavailable
+from subjective.server.rate_limit import LocalRateLimiter, RateLimiter, RateLimiterUnavailable
 
 # Whoever calls without a key when the server allows it (`subjective serve --allow-anonymous`).
 ANONYMOUS = ApiKey(id="anonymous", name="anonymous")
-WINDOW_S = 60.0
-
-
-class RateLimiter:
-    """Sliding one-minute window of admitted requests per key, in this process."""
-
-    def __init__(self) -> None:
-        self._admitted: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def admit(self, key: ApiKey, now: float | None = None) -> float | None:
-        """None if the request may run (and counts it), else seconds until it may."""
-        if key.rpm is None:
-            return None
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            times = self._admitted.setdefault(key.id, deque())
-            while times and times[0] <= now - WINDOW_S:
-                times.popleft()
-            if len(times) >= key.rpm:
-                return times[0] + WINDOW_S - now if times else WINDOW_S
-            times.append(now)
-            return None
 
 
 class Authenticator:
-    def __init__(self, keys: KeyStore, ledger: Ledger, *, allow_anonymous: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        ledger: Ledger,
+        rates: RateLimiter | None = None,
+        *,
+        allow_anonymous: bool = False,
+    ) -> None:
         self.keys = keys
         self.ledger = ledger
+        self.rates = rates or LocalRateLimiter()
         self.allow_anonymous = allow_anonymous
-        self.rates = RateLimiter()
 
     async def identify(self, authorization: str | None) -> ApiKey:
         if not authorization:
@@ -78,7 +60,11 @@ class Authenticator:
 
     async def admit(self, key: ApiKey) -> None:
         """Raise 429 when the key is over its rate or its FLOP budget."""
-        if (wait := self.rates.admit(key)) is not None:
+        try:
+            wait = await asyncio.to_thread(self.rates.admit, key)
+        except RateLimiterUnavailable as error:
+            raise APIError(503, "The rate limiter is unavailable; retry shortly.") from error
+        if wait is not None:
             raise _too_many(
                 f"Rate limit reached: {key.rpm} requests per minute.",
                 "rate_limit_exceeded",
