@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from subjective.server.keys import KeyStore, open_key_store  # noqa: E402
+from tests.processes import free_port, wait_until_ok  # noqa: E402
 from tests.redis_server import RedisServer, redis_server  # noqa: E402, F401 - a fixture for all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,12 +25,6 @@ MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 DATA_DIR = REPO / "data"
 SERVED_NAME = "SmolLM2-135M-Instruct"
 SERVER_START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +122,7 @@ def server(model_dir: Path, server_state: Path, server_redis: RedisServer) -> It
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(base_url, process, log_path)
+        wait_until_ok(f"{base_url}/health", process, log_path, SERVER_START_TIMEOUT_S, poll_s=1)
         yield base_url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -144,21 +137,6 @@ def _server_environment() -> dict[str, str]:
     """The server runs as users run it: vLLM's own CPU paths, not the Triton interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return {**env, "PYTHONUNBUFFERED": "1"}
-
-
-def _wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    tail = log_path.read_text()[-4000:]
-    pytest.fail(f"server not healthy after {SERVER_START_TIMEOUT_S}s:\n{tail}")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,14 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.processes import free_port, wait_until_ok
+
 START_TIMEOUT_S = 30.0
 JOB = "subjective"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrometheusServer:
@@ -75,22 +70,10 @@ class PrometheusServer:
         ]
         with (self.directory / "prometheus.log").open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_until_ready()
+        wait_until_ok(
+            f"{self.url}/-/ready", self.process, self.directory / "prometheus.log", START_TIMEOUT_S
+        )
         return self
-
-    def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited: {(self.directory / 'prometheus.log').read_text()}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"prometheus on port {self.port} not ready in {START_TIMEOUT_S}s")
 
     def stop(self) -> None:
         if self.process is None:

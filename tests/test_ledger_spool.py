@@ -26,7 +26,8 @@ from subjective.server.ledger import (
 from subjective.server.ledger.redis_backend import RedisLedger
 from subjective.server.ledger.sqlite_backend import SQLiteLedger
 from tests import test_ledger
-from tests.redis_server import RedisServer, free_port
+from tests.processes import free_port
+from tests.redis_server import RedisServer
 from tests.test_ledger import Backend, make_record
 
 backend = test_ledger.backend  # the fixture: each test below runs on SQLite and on Redis
