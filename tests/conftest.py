@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,14 +14,12 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from subjective.server.keys import KeyStore, open_key_store  # noqa: E402
-from tests.processes import free_port, wait_until_ok  # noqa: E402
+from tests.processes import REPO, serving  # noqa: E402
 from tests.redis_server import RedisServer, redis_server  # noqa: E402, F401 - a fixture for all
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 DATA_DIR = REPO / "data"
 SERVED_NAME = "SmolLM2-135M-Instruct"
-SERVER_START_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -85,58 +80,11 @@ def server(model_dir: Path, server_state: Path, server_redis: RedisServer) -> It
     """`subjective serve` on the real model (eager vLLM), as users run it; yields its base URL.
 
     Keys and usage live in `server_redis`; requests need a key (`user_secret`)."""
-    port = free_port()
-    log_path = server_state / "server.log"
     pricing = server_state / "pricing.json"
     pricing.write_text(f'{{"per_tflop": {{"{SERVED_NAME}": "{SERVER_PRICE_PER_TFLOP}"}}}}')
-    environment = {
-        **_server_environment(),
-        "REDIS_URL": server_redis.url,
-        "SUBJECTIVE_SPOOL_DIR": str(server_state / "spool"),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "subjective.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--eager",
-        "--kv-cache-gib",
-        "1",
-        "--max-model-len",
-        "1024",
-        "--pricing",
-        str(pricing),
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=environment,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{base_url}/health", process, log_path, SERVER_START_TIMEOUT_S, poll_s=1)
+    env = {"REDIS_URL": server_redis.url, "SUBJECTIVE_SPOOL_DIR": str(server_state / "spool")}
+    with serving(model_dir, server_state, env, "--pricing", str(pricing)) as base_url:
         yield base_url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _server_environment() -> dict[str, str]:
-    """The server runs as users run it: vLLM's own CPU paths, not the Triton interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -36,3 +43,46 @@ def wait_until_ok(
 
 def _tail(log_path: Path) -> str:
     return log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
+
+
+@contextmanager
+def serving(
+    model_dir: Path,
+    state: Path,
+    env: dict[str, str],
+    *options: str,
+    timeout_s: float = 300,
+) -> Iterator[str]:
+    """`subjective serve` on `model_dir` (eager vLLM) as users run it; yields its base URL.
+
+    Its log goes to `state/server.log`; `env` is added to ours, without the Triton interpreter
+    (the server takes vLLM's own CPU paths)."""
+    port = free_port()
+    log_path = state / "server.log"
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment.update(PYTHONUNBUFFERED="1", **env)
+    command = [
+        sys.executable, "-m", "subjective.cli", "serve", "--model", str(model_dir),
+        "--port", str(port), "--eager", "--kv-cache-gib", "1", "--max-model-len", "1024",
+        *options,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=environment,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ok(f"{base_url}/health", process, log_path, timeout_s, poll_s=1)
+        yield base_url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

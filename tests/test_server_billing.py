@@ -15,7 +15,8 @@ import pytest
 
 from subjective.model_registry.config import ModelConfig
 from subjective.server.keys import KeyStore
-from tests.conftest import REPO, SERVED_NAME, SERVER_PRICE_PER_TFLOP
+from tests.conftest import SERVED_NAME, SERVER_PRICE_PER_TFLOP
+from tests.processes import REPO
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.vllm
