@@ -17,12 +17,16 @@ def build_engine(config: ServerConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(
-        model=str(config.model_dir),
-        served_model_name=config.served_model_name,
-        dtype=config.dtype,
-        max_model_len=config.max_model_len,
-        enforce_eager=config.enforce_eager,
-        distributed_executor_backend="uni",
-    )
-    return AsyncLLM.from_engine_args(args)
+    from subjective.model_registry.vllm_plugin import engine_kwargs
+
+    args = {
+        "model": str(config.model_dir),
+        "served_model_name": config.served_model_name,
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "enforce_eager": config.enforce_eager,
+        "distributed_executor_backend": "uni",
+    }
+    # What our model plugin needs for this folder (gated models: its request tracking).
+    args.update(engine_kwargs(config.model_dir))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))

@@ -1,0 +1,68 @@
+"""vLLM plugin: SDT and STT served by vLLM with real skipping and per-request metering.
+
+- `register`: the `vllm.general_plugins` entry point (architectures -> `model.py` classes).
+- `engine_kwargs`: the engine arguments a served folder needs beside the server's own.
+- `requests`: row of vLLM's persistent batch -> request state (threshold, compute_slots row,
+  gate state), fed by a logits processor that changes no logit.
+- `batch`, `layers`: one forward step per request, and the Decision/Dynamic/temporal layers on
+  vLLM's Llama modules with the reference's gate math (`surprise.py`).
+- `compact_attention`, `kv_spec`: gated layers keep only their kept tokens' K/V, compacted, in
+  pages vLLM allocates at γ of the dense size (so its allocator admits more sequences), through
+  `subjective.kernels` (Triton on CUDA, PyTorch on CPU).
+- `meter`: each step's executed / dense FLOPs and KV entries per request, into compute_slots.
+
+Limits: a gated layer keeps at most `page_entries · (p // block_size + 1)` entries up to
+position p (the capacity cap that makes the smaller pages safe; `kv_capacity=1.0` turns it
+off); the saving is static per block (vLLM's managers allocate by token position, before the
+forward has decided anything, so a layer keeping less than γ does not give the rest back:
+that needs per-layer block tables and kept counts reported from the worker to the scheduler);
+no prefix caching, speculative decoding or pipeline parallelism for gated models.
+
+Importing this package does not import vLLM; `register` and the model modules do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from subjective.model_registry.config import ModelConfig
+
+MODELS = {
+    "SubjectiveDepthForCausalLM": "subjective.model_registry.vllm_plugin.model:"
+    "SubjectiveDepthForCausalLM",
+    "SubjectiveTimescaleForCausalLM": "subjective.model_registry.vllm_plugin.model:"
+    "SubjectiveTimescaleForCausalLM",
+}
+REQUEST_ROWS = "subjective.model_registry.vllm_plugin.requests:RequestRows"
+
+
+def register() -> None:
+    """Register our architectures with vLLM's ModelRegistry (lazily, by import string)."""
+    from vllm import ModelRegistry
+
+    for architecture, target in MODELS.items():
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, target)
+
+
+def engine_kwargs(model_dir: str | Path, kv_capacity: float | None = None) -> dict[str, Any]:
+    """Extra `AsyncEngineArgs` for serving `model_dir`; empty for a dense model.
+
+    Gated models need: the row-tracking logits processor (per-request threshold and meter
+    slot reach the gates), no prefix caching (a cached block's KV depends on the threshold
+    that wrote it, and skipped prefix tokens would not be metered), and eager execution (the
+    gated forward has data-dependent shapes). `kv_capacity` overrides γ, the fraction of a
+    dense page a gated layer's KV pages hold (default: the checkpoint's routing capacity;
+    1.0: dense pages, no capacity cap).
+    """
+    if ModelConfig.from_folder(model_dir).kind == "dense":
+        return {}
+    kwargs: dict[str, Any] = {
+        "logits_processors": [REQUEST_ROWS],
+        "enable_prefix_caching": False,
+        "enforce_eager": True,
+    }
+    if kv_capacity is not None:
+        kwargs["hf_overrides"] = {"kv_capacity": float(kv_capacity)}
+    return kwargs

@@ -1,0 +1,77 @@
+"""Run one model through an in-process vLLM engine and print what it did, as JSON.
+
+`python tests/vllm_generate.py SPEC.json`: SPEC holds `model`, `max_tokens`, optionally
+`kv_capacity` (passed to `engine_kwargs`), and `requests`
+(a list of `{"prompt": [token ids], "extra_args": {...}}`, all submitted together so they share
+batches). Each request gets a compute_slots row; the output lists per request its greedy
+tokens, its counters (compute_slots FIELDS) and, for gated models, the routing decisions the
+worker took (`{layer: [0/1 per token]}`). One engine per process: tests run this as a
+subprocess, so engines never share a process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["SUBJECTIVE_RECORD_ROUTING"] = "1"
+
+
+def main(spec_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    from subjective.model_registry.compute_slots import ENV_VAR, FIELDS, FrontEndSlots
+    from subjective.model_registry.vllm_plugin import engine_kwargs
+    from subjective.model_registry.vllm_plugin.requests import REGISTRY
+
+    spec = json.loads(Path(spec_path).read_text())
+    slots = FrontEndSlots.create(slots=64)
+    os.environ[ENV_VAR] = str(slots.path)
+    started = time.monotonic()
+    llm = LLM(
+        model=spec["model"],
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,  # long prompts prefill in chunks, beside decodes
+        distributed_executor_backend="uni",
+        seed=0,
+        **{"enforce_eager": True, **engine_kwargs(spec["model"], spec.get("kv_capacity"))},
+    )
+    loaded = time.monotonic() - started
+    rows = [slots.acquire() for _ in spec["requests"]]
+    params = [
+        SamplingParams(
+            max_tokens=spec["max_tokens"],
+            temperature=0.0,
+            ignore_eos=True,
+            extra_args={**r["extra_args"], "meter_slot": slot, "meter_tag": tag},
+        )
+        for r, (slot, tag) in zip(spec["requests"], rows, strict=True)
+    ]
+    prompts = [{"prompt_token_ids": r["prompt"]} for r in spec["requests"]]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    results = []
+    for output, (slot, tag) in zip(outputs, rows, strict=True):
+        state = REGISTRY.recorded.get(tag)
+        routing = {}
+        if state is not None:
+            routing = {str(layer): mask.int().tolist() for layer, mask in state.routing.items()}
+        results.append(
+            {
+                "tokens": list(output.outputs[0].token_ids),
+                "counts": dict(zip(FIELDS, (int(v) for v in slots.rows[slot, 1:]), strict=True)),
+                "routing": routing,
+            }
+        )
+    print(json.dumps({"load_s": loaded, "results": results}))
+    slots.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
