@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,14 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def debian_executable(name: str, package: str) -> str:
+    """The path of a program a Debian package installs (`make` installs them); fail if absent."""
+    path = shutil.which(name) or f"/usr/bin/{name}"
+    if not Path(path).exists():
+        pytest.fail(f"{name} is not installed (Debian package {package})")
+    return path
 
 
 def free_port() -> int:

@@ -8,7 +8,6 @@ every second, and stops it after the test.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.processes import free_port, wait_until_ok
+from tests.processes import debian_executable, free_port, wait_until_ok
 
 START_TIMEOUT_S = 30.0
 JOB = "subjective"
@@ -27,10 +26,7 @@ JOB = "subjective"
 
 class PrometheusServer:
     def __init__(self, directory: Path, target_url: str, scrape_interval_s: float = 1.0) -> None:
-        executable = shutil.which("prometheus") or "/usr/bin/prometheus"
-        if not Path(executable).exists():
-            pytest.fail("prometheus is not installed (Debian package prometheus)")
-        self.executable = executable
+        self.executable = debian_executable("prometheus", "prometheus")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.target_url = target_url

@@ -8,7 +8,6 @@ again on the same directory comes back with everything it acknowledged. Use the
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -18,17 +17,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.processes import free_port
+from tests.processes import debian_executable, free_port
 
 START_TIMEOUT_S = 10.0
 
 
 class RedisServer:
     def __init__(self, directory: Path, port: int | None = None) -> None:
-        executable = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(executable).exists():
-            pytest.fail("redis-server is not installed (Debian package redis-server)")
-        self.executable = executable
+        self.executable = debian_executable("redis-server", "redis-server")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
