@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from subjective.model_registry.config import ModelConfig, RoutingConfig
 from subjective.model_registry.convert import build_model
-from subjective.model_registry.flops import count_flops
+from subjective.model_registry.flops import PhaseCounts, count_flops
 from subjective.model_registry.surprise import SurpriseGate
 from subjective.model_registry.tiny import tiny_config
 
@@ -208,3 +209,54 @@ def test_hand_count_one_temporal_layer() -> None:
     assert int(report.prompt.dense_flops[0]) == 2 * (128 + 192) + att * (1 + 2) + head
     assert int(report.completion.dense_flops[0]) == 128 + 192 + att * 3 + head
     assert [int(report.prompt.kv_entries[0]), int(report.completion.kv_entries[0])] == [1, 1]
+
+
+PHASES = ("prompt", "completion")
+
+
+def window_of(mask: Tensor, starts: Tensor, ends: Tensor) -> Tensor:
+    """Columns `starts[b] .. ends[b]-1` of each row, left-aligned (the rest: later columns)."""
+    width = max(int((ends - starts).max()), 1)
+    columns = (starts[:, None] + torch.arange(width)[None, :]).clamp(max=mask.shape[1] - 1)
+    return mask.gather(1, columns)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sdt", "stt"])
+@pytest.mark.parametrize("prompt_logits", ["last", "all"])
+def test_consecutive_windows_add_up_to_the_whole_count(kind: str, prompt_logits: str) -> None:
+    config = tiny_config(kind, layers=6)
+    generator = torch.Generator().manual_seed(7)
+    batch, windows = 5, 4
+    for _ in range(10):
+        lengths = torch.randint(1, 40, (batch,), generator=generator)
+        prompt_lens = (torch.rand(batch, generator=generator) * lengths).long() + 1
+        width = int(lengths.max())
+        routing = {
+            layer: torch.rand(batch, width, generator=generator) < 0.5
+            for layer in config.routing.gated_layers
+        }
+        whole = count_flops(config, routing, lengths, prompt_lens, prompt_logits=prompt_logits)
+        cuts = (torch.rand(batch, windows - 1, generator=generator) * (lengths[:, None] + 1)).long()
+        bounds = torch.cat([torch.zeros(batch, 1, dtype=torch.long), cuts.sort(1).values], 1)
+        bounds = torch.cat([bounds, lengths[:, None]], 1)
+        summed = {phase: {f.name: 0 for f in fields(PhaseCounts)} for phase in PHASES}
+        for k in range(windows):
+            starts, ends = bounds[:, k], bounds[:, k + 1]
+            report = count_flops(
+                config,
+                {layer: window_of(mask, starts, ends) for layer, mask in routing.items()},
+                ends - starts,
+                prompt_lens,
+                prompt_logits=prompt_logits,
+                starts=starts,
+                kept_before={
+                    layer: (mask & (torch.arange(width)[None, :] < starts[:, None])).sum(1)
+                    for layer, mask in routing.items()
+                },
+            )
+            for phase in PHASES:
+                for name, total in summed[phase].items():
+                    summed[phase][name] = total + getattr(getattr(report, phase), name)
+        for phase in PHASES:
+            for name, total in summed[phase].items():
+                assert torch.equal(total, getattr(getattr(whole, phase), name)), (phase, name)

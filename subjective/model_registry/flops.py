@@ -80,12 +80,19 @@ def count_flops(
     prompt_lens: Tensor,
     *,
     prompt_logits: Literal["last", "all"] = "last",
+    starts: Tensor | None = None,
+    kept_before: Mapping[int, Tensor] | None = None,
 ) -> FlopReport:
     """Count a batch from the routing decisions actually taken.
 
     `routing[layer]`: `[B, T]` bool for every gated layer (True = full path), covering each
     sequence's tokens `0 .. lengths[b]-1` (prompt then fed-back completion tokens; columns
     past `lengths[b]` are ignored). `prompt_lens[b]` of those tokens are the prompt.
+
+    Or a window of each sequence: column j of row b is position `starts[b] + j` (default 0),
+    `lengths[b]` counts the row's columns and `kept_before[layer]` (`[B]`, default 0) the
+    gated layer's kept entries at earlier positions, so that consecutive windows add up to the
+    whole count. Phase and LM-head tokens go by position (`prompt_lens`: the whole prompts).
     """
     d, hd, heads, kv_heads = (
         config.hidden_size,
@@ -98,9 +105,11 @@ def count_flops(
     prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long).cpu()
     batch = lengths.numel()
     width = int(lengths.max()) if batch else 0
+    starts = torch.as_tensor(0 if starts is None else starts, dtype=torch.long).cpu().expand(batch)
     steps = torch.arange(width)
     valid = steps[None, :] < lengths[:, None]
-    in_prompt = (steps[None, :] < prompt_lens[:, None]) & valid
+    positions = starts[:, None] + steps[None, :]
+    in_prompt = (positions < prompt_lens[:, None]) & valid
     in_completion = valid & ~in_prompt
     zero = torch.zeros(batch, width, dtype=torch.long)
 
@@ -109,13 +118,18 @@ def count_flops(
     attention_per_entry = 2 * 2 * heads * hd
     surprise = 2 * 2 * d
 
-    def full_path(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """FLOPs per token of a full-path mask, its attention part, and the mask as int."""
+    def full_path(mask: Tensor, before: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """FLOPs per token of a full-path mask (`before` `[B]` entries kept earlier), its
+        attention part, and the mask as int."""
         kept = mask.long()
-        attention = kept.cumsum(dim=1) * kept * attention_per_entry
+        attention = (before[:, None] + kept.cumsum(dim=1)) * kept * attention_per_entry
         return kept * (projections + mlp) + attention, attention, kept
 
-    dense_layer, dense_attention, dense_kept = full_path(valid)
+    def earlier(layer: int) -> Tensor:
+        before = 0 if kept_before is None else kept_before.get(layer, 0)
+        return torch.as_tensor(before, dtype=torch.long).cpu().expand(batch)
+
+    dense_layer, dense_attention, dense_kept = full_path(valid, starts)
     executed = zero.clone()
     kv_executed = zero.clone()
     gated_attention = zero.clone()
@@ -125,9 +139,9 @@ def count_flops(
             if layer not in routing:
                 raise KeyError(f"no routing decisions for gated layer {layer}")
             mask = routing[layer].cpu()[:, :width].bool() & valid
+            per_token, attention, kept = full_path(mask, earlier(layer))
         else:
-            mask = valid
-        per_token, attention, kept = full_path(mask)
+            per_token, attention, kept = dense_layer, dense_attention, dense_kept
         if layer in spec.gated_layers:
             gated_attention += attention
             gated_attention_dense += dense_attention
@@ -148,7 +162,7 @@ def count_flops(
     if prompt_logits == "all":
         head_tokens = valid.long()
     else:
-        last_prompt = (steps[None, :] == (prompt_lens[:, None] - 1)) & valid
+        last_prompt = (positions == (prompt_lens[:, None] - 1)) & valid
         head_tokens = (last_prompt | in_completion).long()
     executed += head_tokens * head
     dense += head_tokens * head

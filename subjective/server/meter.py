@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from subjective.model_registry.compute_slots import (
     EXTRA_ARG_SLOT,
     EXTRA_ARG_TAG,
@@ -108,12 +110,13 @@ class Meter:
         """Full-path FLOPs of the tokens vLLM ran: the prompt past its cached prefix, then
         each generated token but the last (the last one is sampled, never fed back)."""
         fed = tally.prompt_tokens + max(tally.completion_tokens - 1, 0)
-        ran = count_flops(self._dense, {}, [fed], [tally.prompt_tokens])
+        ran = count_flops(
+            self._dense,
+            {},
+            [fed - tally.cached_tokens],
+            [tally.prompt_tokens],
+            starts=torch.tensor([tally.cached_tokens]),
+        )
         flops = int(ran.prompt.flops[0] + ran.completion.flops[0])
         kv = int(ran.prompt.kv_entries[0] + ran.completion.kv_entries[0])
-        if tally.cached_tokens:
-            # The cached prefix alone; a prompt length past it keeps its LM head out.
-            cached = count_flops(self._dense, {}, [tally.cached_tokens], [tally.cached_tokens + 1])
-            flops -= int(cached.prompt.flops[0])
-            kv -= int(cached.prompt.kv_entries[0])
         return Compute(flops, flops, kv, kv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ class StepBatch:
     thresholds: Tensor  # [num_tokens] float: each token's request threshold
     block_table: Tensor  # [rows, blocks] vLLM's block table (one KV cache group)
     num_tokens: int
+    kept_before: dict[int, Tensor]  # gated layer -> [rows] long: kept KV entries before the step
+    decisions: dict[int, Tensor] = field(default_factory=dict)  # gated layer -> [num_tokens]
 
     def gate_state(self, layer: int) -> GateState:
         """The rows' moving-average history and previous input at `layer`, as the reference's."""
@@ -38,10 +40,12 @@ class StepBatch:
             s.prev_input[layer] = prev
 
     def record(self, layer: int, selected: Tensor) -> None:
-        """Keep a gated layer's decisions `[num_tokens]` for the meter."""
-        for s, piece in zip(self.states, selected.cpu().split(self.counts), strict=True):
-            earlier = s.routing.get(layer)
-            s.routing[layer] = piece if earlier is None else torch.cat([earlier, piece])
+        """Keep a gated layer's decisions `[num_tokens]` for the meter (and recorded requests)."""
+        self.decisions[layer] = selected.cpu()
+        for s, piece in zip(self.states, self.decisions[layer].split(self.counts), strict=True):
+            if s.routing is not None:
+                earlier = s.routing.get(layer)
+                s.routing[layer] = piece if earlier is None else torch.cat([earlier, piece])
 
 
 def current_batch(positions: Tensor, routing: RoutingConfig) -> StepBatch | None:
@@ -81,4 +85,8 @@ def current_batch(positions: Tensor, routing: RoutingConfig) -> StepBatch | None
         thresholds=thresholds[row_of_token].to(positions.device),
         block_table=meta.block_table,
         num_tokens=num_tokens,
+        kept_before={
+            layer: torch.tensor([s.kept.get(layer, 0) for s in states], dtype=torch.long)
+            for layer in routing.gated_layers
+        },
     )

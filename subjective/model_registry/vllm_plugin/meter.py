@@ -1,8 +1,8 @@
 """Per-request counts of one step, from the routing decisions taken, into compute_slots.
 
-A step's counts are `count_flops` over each request's decisions up to the end of the step minus
-the request's running totals before it, so they add up exactly to the reference meter over the
-whole request.
+A step's counts are `count_flops` over the step's window of each request (its tokens, from the
+position it starts at, over the gated layers' kept KV entries before it), so they add up exactly
+to the reference meter over the whole request; the cost is that of the step's tokens only.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from subjective.model_registry.flops import FlopReport, count_flops
 from subjective.model_registry.vllm_plugin.batch import StepBatch
 
 
-def decisions(batch: StepBatch, layers: list[int], width: int) -> dict[int, Tensor]:
-    """`{layer: [rows, width]}` full-path masks over each row's tokens so far."""
+def decisions(batch: StepBatch, layers: list[int]) -> dict[int, Tensor]:
+    """`{layer: [rows, max count]}` full-path masks of each row's tokens in this step."""
+    counts = torch.tensor(batch.counts, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    columns = torch.arange(batch.num_tokens) - (counts.cumsum(0) - counts)[rows]
     out = {}
     for layer in layers:
-        mask = torch.zeros(len(batch.states), width, dtype=torch.bool)
-        for r, state in enumerate(batch.states):
-            history = state.routing[layer]
-            mask[r, : history.numel()] = history
+        mask = torch.zeros(counts.numel(), int(counts.max()), dtype=torch.bool)
+        mask[rows, columns] = batch.decisions[layer]
         out[layer] = mask
     return out
 
@@ -48,21 +49,21 @@ def report_columns(report: FlopReport) -> Tensor:
 def step_counts(config: ModelConfig, batch: StepBatch) -> np.ndarray:
     """`[rows, len(compute_slots.FIELDS)]` int64 counts this step added to each request."""
     layers = config.routing.gated_layers
-    starts = torch.tensor(batch.starts, dtype=torch.long)
-    ends = starts + torch.tensor(batch.counts, dtype=torch.long)
+    counts = torch.tensor(batch.counts, dtype=torch.long)
     prompt_lens = torch.tensor([s.prompt_len for s in batch.states], dtype=torch.long)
-    routing = decisions(batch, layers, int(ends.max()))
-    after = report_columns(count_flops(config, routing, ends, prompt_lens))
-    zero = torch.zeros(after.shape[1], dtype=after.dtype)
-    before = torch.stack([zero if s.metered is None else s.metered for s in batch.states])
-    for state, totals in zip(batch.states, after, strict=True):
-        state.metered = totals
-    token_layers = torch.tensor(batch.counts, dtype=torch.long) * len(layers)
-    steps = torch.arange(int(ends.max()))
-    in_step = (steps[None, :] >= starts[:, None]) & (steps[None, :] < ends[:, None])
-    kept = sum((routing[layer] & in_step).sum(dim=1) for layer in layers)
-    counts = torch.cat([after - before, token_layers[:, None], (token_layers - kept)[:, None]], 1)
-    return counts.numpy().astype(np.int64)
+    routing = decisions(batch, layers)
+    report = count_flops(
+        config,
+        routing,
+        counts,
+        prompt_lens,
+        starts=torch.tensor(batch.starts, dtype=torch.long),
+        kept_before=batch.kept_before,
+    )
+    token_layers = counts * len(layers)
+    kept = sum((mask.sum(dim=1) for mask in routing.values()), torch.zeros_like(counts))
+    columns = [report_columns(report), token_layers[:, None], (token_layers - kept)[:, None]]
+    return torch.cat(columns, 1).numpy().astype(np.int64)
 
 
 class Meter:

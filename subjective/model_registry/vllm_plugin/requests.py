@@ -46,9 +46,9 @@ class RequestState:
     kept: dict[int, int] = field(default_factory=dict)  # gated layer -> compacted KV entries
     d_st_history: dict[int, Tensor | None] = field(default_factory=dict)  # per gate layer
     prev_input: dict[int, Tensor | None] = field(default_factory=dict)  # STT: x_{t-1}
-    routing: dict[int, Tensor] = field(default_factory=dict)  # gated layer -> decisions so far
+    # Gated layer -> decisions so far, kept only for recorded requests (`RECORD_ENV`).
+    routing: dict[int, Tensor] | None = None
     processed: int = 0  # tokens executed so far (the next step starts at this position)
-    metered: Tensor | None = None  # the meter's running totals over `processed` tokens
 
     def threshold_under(self, routing: RoutingConfig) -> float:
         return self.threshold if self.threshold is not None else routing.threshold_for(self.quality)
@@ -58,9 +58,9 @@ class RequestState:
         self.kept.clear()
         self.d_st_history.clear()
         self.prev_input.clear()
-        self.routing.clear()
+        if self.routing is not None:
+            self.routing.clear()
         self.processed = 0
-        self.metered = None
 
 
 def state_from_params(params: SamplingParams, prompt_len: int) -> RequestState:
@@ -93,6 +93,7 @@ class RowRegistry:
             self._states[key] = state
             weakref.finalize(params, self._states.pop, key, None)
             if os.environ.get(RECORD_ENV):
+                state.routing = {}
                 self.recorded[state.tag] = state
         return state
 
