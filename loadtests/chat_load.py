@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 
@@ -32,7 +33,10 @@ async def one_request(client: httpx.AsyncClient, model: str, max_tokens: int) ->
 
 async def run(args: argparse.Namespace) -> dict:
     limit = asyncio.Semaphore(args.concurrency)
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout) as client:
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(
+        base_url=args.base_url, timeout=args.timeout, headers=headers
+    ) as client:
 
         async def bounded() -> float:
             async with limit:
@@ -55,6 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SUBJECTIVE_API_KEY"),
+        help="key to send (default: $SUBJECTIVE_API_KEY; none for --allow-anonymous servers)",
+    )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)

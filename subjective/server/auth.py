@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from fastapi import Request
 
 from subjective.server.errors import APIError
-from subjective.server.keys import ApiKey, KeyStore, KeyStoreUnavailable
+from subjective.server.keys import SECRET_PREFIX, ApiKey, KeyStore, KeyStoreUnavailable
 from subjective.server.ledger import Ledger, LedgerUnavailable
 from subjective.server.rate_limit import LocalRateLimiter, RateLimiter, RateLimiterUnavailable
 
@@ -38,20 +38,24 @@ class Authenticator:
         self.allow_anonymous = allow_anonymous
 
     async def identify(self, authorization: str | None) -> ApiKey:
+        """The caller's key. With anonymous access on, a request without one of our keys
+        (none, or a placeholder such as the OpenAI clients' mandatory `api_key`) runs as
+        `anonymous`; a key of ours that does not verify (wrong, revoked) is still a 401."""
+        scheme, _, secret = (authorization or "").partition(" ")
+        secret = secret.strip()
+        if self.allow_anonymous and not secret.startswith(SECRET_PREFIX):
+            return ANONYMOUS
         if not authorization:
-            if self.allow_anonymous:
-                return ANONYMOUS
             raise APIError(
                 401,
                 "You didn't provide an API key. Send 'Authorization: Bearer <key>' "
                 "(create one with `subjective keys create`).",
                 code="invalid_api_key",
             )
-        scheme, _, secret = authorization.partition(" ")
         key = None
-        if scheme.lower() == "bearer" and secret.strip():
+        if scheme.lower() == "bearer" and secret:
             try:
-                key = await asyncio.to_thread(self.keys.verify, secret.strip())
+                key = await asyncio.to_thread(self.keys.verify, secret)
             except KeyStoreUnavailable as error:
                 raise APIError(503, "The key store is unavailable; retry shortly.") from error
         if key is None:
