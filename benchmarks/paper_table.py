@@ -6,8 +6,10 @@ attention FLOPs of the gated layers vs dense (the paper's "-75%") and KV entries
 (the paper's "-50%"). The gated models run their inference routing (causal router + threshold),
 so the numbers are those decoding would give; FLOPs come from `count_flops`, i.e. the meter.
 
-    python benchmarks/paper_table.py --dense models/SmolLM2-135M-Instruct \\
-        --model runs/sdt/model --model runs/stt/model --text data/validation.txt
+    python benchmarks/paper_table.py --dense runs/paper/dense/model \\
+        --model runs/paper/sdt/model --model runs/paper/stt/model --text data/validation.txt
+
+`benchmarks/paper_table_cpu.sh` converts, fine-tunes and measures in one go.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +44,7 @@ def held_out_blocks(text_path: Path, tokenizer_dir: Path, blocks: int, block_siz
 
 
 def measure(model, blocks: torch.Tensor, threshold: float | None, batch: int) -> dict:
+    """Perplexity and the meter's totals over `blocks`, with the inference routing."""
     nll, tokens = 0.0, 0
     totals = dict.fromkeys(
         (
@@ -64,67 +70,105 @@ def measure(model, blocks: torch.Tensor, threshold: float | None, batch: int) ->
         report = count_flops(model.config, out.routing, lengths, lengths, prompt_logits="all")
         for key in totals:
             totals[key] += int(getattr(report.prompt, key).sum())
-    seconds = time.perf_counter() - start
+    # KV entries within the gated layers, as the paper counts them: the other layers keep all.
+    config = model.config
+    positions = blocks.numel()
+    ungated = (config.num_hidden_layers - len(config.routing.gated_layers)) * positions
+    gated_kv = totals["kv_entries"] - ungated
+    gated_kv_dense = totals["kv_entries_dense"] - ungated
 
-    def ratio(a: str, b: str) -> float | None:
-        return totals[a] / totals[b] if totals[b] else None
+    def reduction(done: int, dense: int) -> float:
+        return 1.0 - done / dense if dense else 0.0
 
     return {
         "perplexity": math.exp(nll / tokens),
-        "flops_ratio": ratio("flops", "dense_flops"),
-        "gated_attention_ratio": ratio("gated_attention_flops", "gated_attention_flops_dense"),
-        "kv_ratio": ratio("kv_entries", "kv_entries_dense"),
-        "seconds": seconds,
+        "dyn_attn_flop_reduction": reduction(
+            totals["gated_attention_flops"], totals["gated_attention_flops_dense"]
+        ),
+        "total_flop_reduction": reduction(totals["flops"], totals["dense_flops"]),
+        "kv_reduction": reduction(gated_kv, gated_kv_dense),
+        "seconds": round(time.perf_counter() - start, 2),
         **totals,
     }
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity against executed FLOPs (relative to dense), one marker per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for variant, marker in (("dense", "o"), ("sdt", "s"), ("stt", "^")):
+        mine = [r for r in rows if r["variant"] == variant]
+        ax.scatter(
+            [1.0 - r["total_flop_reduction"] for r in mine],
+            [r["perplexity"] for r in mine],
+            marker=marker,
+            label=variant,
+        )
+        for r in mine:
+            ax.annotate(r["setting"], (1.0 - r["total_flop_reduction"], r["perplexity"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("executed FLOPs / dense FLOPs")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dense", type=Path, required=True)
-    parser.add_argument("--model", type=Path, action="append", default=[])
+    parser.add_argument("--dense", type=Path, required=True, help="the dense baseline folder")
+    parser.add_argument("--model", type=Path, action="append", default=[], help="SDT/STT folder")
     parser.add_argument("--text", type=Path, default=Path("data/validation.txt"))
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/paper_table.json"))
+    parser.add_argument("--command", help="the command to record (default: this one)")
     args = parser.parse_args()
 
     blocks = held_out_blocks(args.text, args.dense, args.blocks, args.block_size)
-    rows = []
-    dense = load_model(args.dense).to(args.device)
-    rows.append({"model": str(args.dense), "setting": "dense", **measure(dense, blocks, None, 1)})
-    base_ppl = rows[0]["perplexity"]
+    dense = load_model(args.dense).to(args.device).eval()
+    rows = [{"variant": "dense", "setting": "dense", **measure(dense, blocks, None, args.batch)}]
     del dense
     for folder in args.model:
-        model = load_model(folder).to(args.device)
+        model = load_model(folder).to(args.device).eval()
         routing = model.config.routing
         settings = {"base": routing.threshold}
         settings.update({q: routing.threshold_for(q) for q in routing.quality_offsets})
         for name, threshold in settings.items():
             row = measure(model, blocks, threshold, args.batch)
-            rows.append({"model": str(folder), "setting": f"{name} ({threshold:.2f})", **row})
+            rows.append({"variant": routing.kind, "setting": f"{name} {threshold:.2f}", **row})
+    base_ppl = rows[0]["perplexity"]
     for row in rows:
-        row["perplexity_change"] = row["perplexity"] / base_ppl - 1.0
+        row["rel_perplexity"] = row["perplexity"] / base_ppl
 
-    header = "| model | setting | ppl | Δppl | FLOPs | gated attn FLOPs | KV entries |"
-    print(header)
+    print("| variant | setting | ppl | rel. ppl | dyn. attn FLOPs | total FLOPs | KV (gated) |")
     print("|" + "---|" * 7)
     for row in rows:
-
-        def pct(value: float | None) -> str:
-            return "n/a" if value is None else f"{100 * value:.1f}%"
-
         print(
-            f"| {Path(row['model']).name} | {row['setting']} | {row['perplexity']:.3f} | "
-            f"{100 * row['perplexity_change']:+.1f}% | {pct(row['flops_ratio'])} | "
-            f"{pct(row['gated_attention_ratio'])} | {pct(row['kv_ratio'])} |"
+            f"| {row['variant']} | {row['setting']} | {row['perplexity']:.3f} | "
+            f"{row['rel_perplexity']:.3f} | -{100 * row['dyn_attn_flop_reduction']:.1f}% | "
+            f"-{100 * row['total_flop_reduction']:.1f}% | -{100 * row['kv_reduction']:.1f}% |"
         )
+    command = args.command or "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
+    result = {
+        "command": command,
+        "base": str(args.dense),
+        "held_out": {"text": str(args.text), "blocks": args.blocks, "block_size": args.block_size},
+        "machine": {"device": args.device, "platform": platform.platform(), "cpus": os.cpu_count()},
+        "rows": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"blocks": args.blocks, "block_size": args.block_size, "text": str(args.text)}
-    args.output.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, args.output.with_suffix(".png"))
+    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

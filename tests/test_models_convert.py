@@ -201,3 +201,49 @@ def test_train_cli_full_weights_stt(dense_folder: Path, tmp_path: Path) -> None:
     trained, source = load_model(out / "model"), load_model(tmp_path / "stt")
     name = "model.layers.2.mlp.down_proj.weight"
     assert not torch.equal(trained.state_dict()[name], source.state_dict()[name])
+
+
+def test_train_cli_adapter_lr_and_dense_baseline(dense_folder: Path, tmp_path: Path) -> None:
+    """`--adapter-lr` moves only the routing adapter when the base rate is 0; a dense folder
+    trains as the baseline fine-tuned on the same data."""
+    convert(dense_folder, tmp_path / "sdt", "sdt")
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    short = ["--steps", "2", "--batch-size", "2", "--block-size", "24"]
+    sdt_run = tmp_path / "sdt-run"
+    argv = ["train", str(tmp_path / "sdt"), "--data", str(text), "--output", str(sdt_run)]
+    assert run_cli([*argv, *short, "--lr", "0", "--adapter-lr", "1e-2"]) == 0
+    source, trained = load_model(tmp_path / "sdt"), load_model(sdt_run / "model")
+    changed = {
+        name: not torch.equal(tensor, trained.state_dict()[name])
+        for name, tensor in source.state_dict().items()
+    }
+    assert not any(moved for name, moved in changed.items() if is_base_parameter(name))
+    assert any(moved for name, moved in changed.items() if not is_base_parameter(name))
+
+    dense_run = tmp_path / "dense-run"
+    argv = ["train", str(dense_folder), "--data", str(text), "--output", str(dense_run)]
+    assert run_cli([*argv, *short, "--lr", "1e-3"]) == 0
+    tuned = load_model(dense_run / "model")
+    assert tuned.config.kind == "dense"
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(tuned.state_dict()[name], load_model(dense_folder).state_dict()[name])
+
+
+def test_perplexity_evaluator_routes_gated_models_by_quality(
+    dense_folder: Path, tmp_path: Path
+) -> None:
+    from subjective.evaluation.models import load_logits_fn
+
+    convert(dense_folder, tmp_path / "sdt", "sdt")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    reference = load_model(tmp_path / "sdt").eval()
+    scored = {}
+    with torch.no_grad():
+        for quality in ("aggressive", "conservative", None):
+            threshold = reference.config.routing.threshold_for(quality)
+            expected = reference(ids, threshold=threshold, logits="all").logits
+            scored[quality] = load_logits_fn(tmp_path / "sdt", quality=quality)(ids)
+            assert torch.equal(scored[quality], expected), quality
+        assert load_logits_fn(dense_folder)(ids).shape == expected.shape
+    assert not torch.equal(scored["aggressive"], scored["conservative"])

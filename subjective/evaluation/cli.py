@@ -24,6 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--block-size", type=int, default=1024)
     ppl.add_argument("--batch-size", type=int, default=4)
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    ppl.add_argument(
+        "--quality",
+        choices=("aggressive", "conservative"),
+        help="gated models: route at this quality's threshold (default: the base threshold)",
+    )
     ppl.add_argument("--json", type=Path, help="also write the result here")
     ppl.set_defaults(handler=eval_ppl)
 
@@ -38,7 +43,9 @@ def eval_ppl(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     ids = tokenizer.encode(text, add_special_tokens=False)
     blocks = token_blocks(ids, args.block_size, args.max_tokens)
-    result = perplexity(load_logits_fn(args.model_dir), blocks, args.batch_size)
+    result = perplexity(
+        load_logits_fn(args.model_dir, quality=args.quality), blocks, args.batch_size
+    )
     print(
         f"perplexity {result.perplexity:.4f} over {result.tokens:,} tokens "
         f"({result.tokens_per_second:,.0f} tokens/s)"
@@ -47,6 +54,7 @@ def eval_ppl(args: argparse.Namespace) -> int:
         record = {
             "model": args.model_dir.name,
             "data": args.data,
+            "quality": args.quality,
             "tokens": result.tokens,
             "perplexity": result.perplexity,
             "mean_nll": result.mean_nll,

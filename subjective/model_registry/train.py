@@ -1,4 +1,4 @@
-"""`subjective train`: fine-tune a converted SDT/STT model on a text file.
+"""`subjective train`: fine-tune a converted SDT/STT model (or, as their baseline, the dense one).
 
 Loss = LM cross-entropy + w_prior·(prior / transition MSE) + w_router·router BCE
 + w_gate·mean(g) (STT), with Top-K routing by the surprise gate (DESIGN.md §3). AdamW, cosine
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="fine-tune a converted SDT/STT model on a text file")
+    p = subparsers.add_parser("train", help="fine-tune an SDT/STT (or dense) model on a text file")
     p.add_argument("model", type=Path, help="converted model folder")
     p.add_argument("--data", type=Path, required=True, help="training text file")
     p.add_argument("--validation", type=Path, help="held-out text file (loss per --eval-every)")
@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument(
+        "--adapter-lr",
+        type=float,
+        help="learning rate of the fresh routing adapter (priors, routers; default: --lr)",
+    )
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--freeze-base", action="store_true", help="train only the routing adapter")
@@ -158,19 +163,23 @@ def train_command(args: argparse.Namespace) -> int:
     source = checkpoint if resume else args.model
     base_folder = base_folder_of(args.model) if args.freeze_base else None
     model = load_model(source).to(device).train()
-    if model.config.kind == "dense":
-        raise SystemExit(f"{args.model} is dense: convert it first (subjective model convert)")
+    if model.config.kind == "dense" and args.freeze_base:
+        raise SystemExit(f"{args.model} is dense: it has no routing adapter to train alone")
     for name, param in model.named_parameters():
         param.requires_grad_(not (args.freeze_base and is_base_parameter(name)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-        weight_decay=0.0,
-    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = []
+    adapter_lr = args.lr if args.adapter_lr is None else args.adapter_lr
+    for is_base, lr in ((True, args.lr), (False, adapter_lr)):
+        part = [p for n, p in named if is_base_parameter(n) == is_base]
+        decay = [p for p in part if p.dim() >= 2]
+        no_decay = [p for p in part if p.dim() < 2]
+        groups += [
+            {"params": decay, "lr": lr, "weight_decay": args.weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup * args.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.steps, warmup)
