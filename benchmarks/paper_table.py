@@ -130,6 +130,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/paper_table.json"))
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        action="append",
+        default=[],
+        help="also measure the gated models at this threshold (0: every token kept)",
+    )
     parser.add_argument("--command", help="the command to record (default: this one)")
     args = parser.parse_args()
 
@@ -140,9 +147,10 @@ def main() -> None:
     for folder in args.model:
         model = load_model(folder).to(args.device).eval()
         routing = model.config.routing
-        settings = {"base": routing.threshold}
-        settings.update({q: routing.threshold_for(q) for q in routing.quality_offsets})
-        for name, threshold in settings.items():
+        settings = [("base", routing.threshold)]
+        settings += [(q, routing.threshold_for(q)) for q in routing.quality_offsets]
+        settings += [("fixed", t) for t in args.threshold]
+        for name, threshold in settings:
             row = measure(model, blocks, threshold, args.batch)
             rows.append({"variant": routing.kind, "setting": f"{name} {threshold:.2f}", **row})
     base_ppl = rows[0]["perplexity"]
@@ -154,8 +162,8 @@ def main() -> None:
     for row in rows:
         print(
             f"| {row['variant']} | {row['setting']} | {row['perplexity']:.3f} | "
-            f"{row['rel_perplexity']:.3f} | -{100 * row['dyn_attn_flop_reduction']:.1f}% | "
-            f"-{100 * row['total_flop_reduction']:.1f}% | -{100 * row['kv_reduction']:.1f}% |"
+            f"{row['rel_perplexity']:.3f} | {-100 * row['dyn_attn_flop_reduction']:+.1f}% | "
+            f"{-100 * row['total_flop_reduction']:+.1f}% | {-100 * row['kv_reduction']:+.1f}% |"
         )
     command = args.command or "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
     result = {

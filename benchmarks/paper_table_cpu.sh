@@ -22,4 +22,5 @@ done
 [ -f "$RUNS/stt/model/config.json" ] || train "$RUNS/stt-init" "$RUNS/stt"
 "$PYTHON" benchmarks/paper_table.py --dense "$RUNS/dense/model" \
     --model "$RUNS/sdt/model" --model "$RUNS/stt/model" --text data/validation.txt \
+    --threshold 0 --threshold 0.45 \
     --command "STEPS=$STEPS BATCH=$BATCH BLOCK=$BLOCK benchmarks/paper_table_cpu.sh"
