@@ -172,3 +172,29 @@ def _record(key_id: str, flops: int, at: datetime) -> UsageRecord:
         started_at=at,
         finished_at=at,
     )
+
+
+def test_a_request_dropped_unread_gives_its_slot_back(slots) -> None:
+    import gc
+
+    from subjective.server.billed_request import BilledRequest, Billing
+    from subjective.server.generation import TokenCounts
+    from subjective.server.ledger import Pricing
+
+    meter = Meter(tiny_config("dense"), slots)
+    free = slots.available
+    request = BilledRequest(
+        request_id="cmpl-1",
+        key=ANONYMOUS,
+        model="m",
+        quality="conservative",
+        threshold=None,
+        counts=TokenCounts(prompt_lengths=[3]),
+        ticket=meter.open(),
+        billing=Billing(meter, Pricing(default="1"), writer=None, metrics=None),
+        streamed=True,
+    )
+    assert slots.available == free - 1
+    del request
+    gc.collect()
+    assert slots.available == free

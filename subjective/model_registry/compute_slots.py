@@ -121,6 +121,11 @@ class FrontEndSlots(_Table):
     def read(self, slot: int) -> ComputeCounts:
         return ComputeCounts(*(int(v) for v in self.rows[slot, 1:]))
 
+    @property
+    def available(self) -> int:
+        """Rows free to lend."""
+        return len(self._free)
+
     def release(self, slot: int) -> None:
         self.rows[slot, 0] = 0
         self._free.append(slot)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class BilledRequest:
         self._first_token: float | None = None
         self._last_token: float | None = None
         self.compute: Compute | None = None
+        # Outputs never read (the client left before its stream began) mean nothing ran and
+        # nothing settles: the compute slot alone goes back when the request is dropped.
+        self._unsettled = [True]
+        weakref.finalize(self, _release_unused, billing.meter, ticket, self._unsettled)
         self._stored: Future[WriteResult] | None = None
 
     async def deltas(self, source: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
@@ -89,6 +94,7 @@ class BilledRequest:
         """Meter, record and observe the request; later calls do nothing. Never blocks."""
         if self.compute is not None:
             return
+        self._unsettled[0] = False
         billing = self.billing
         self.compute = billing.meter.close(self.ticket, self.counts.tallies())
         end = time.perf_counter()
@@ -155,3 +161,8 @@ class BilledRequest:
             ),
             compute=self.compute.usage(),
         )
+
+
+def _release_unused(meter: Meter, ticket: Ticket, unsettled: list[bool]) -> None:
+    if unsettled[0]:
+        meter.slots.release(ticket.slot)
