@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ def measure(model, blocks: torch.Tensor, threshold: float | None, batch: int) ->
         ),
         0,
     )
+    block_flops: list[int] = []
     device = next(model.parameters()).device
     start = time.perf_counter()
     for i in range(0, blocks.shape[0], batch):
@@ -70,6 +72,7 @@ def measure(model, blocks: torch.Tensor, threshold: float | None, batch: int) ->
         report = count_flops(model.config, out.routing, lengths, lengths, prompt_logits="all")
         for key in totals:
             totals[key] += int(getattr(report.prompt, key).sum())
+        block_flops += [int(f) for f in report.prompt.flops]
     # KV entries within the gated layers, as the paper counts them: the other layers keep all.
     config = model.config
     positions = blocks.numel()
@@ -89,7 +92,28 @@ def measure(model, blocks: torch.Tensor, threshold: float | None, batch: int) ->
         "kv_reduction": reduction(gated_kv, gated_kv_dense),
         "seconds": round(time.perf_counter() - start, 2),
         **totals,
+        "block_flops": block_flops,
     }
+
+
+def monotonicity(rows: list[dict]) -> dict:
+    """Per variant, the block pairs where a higher threshold executed more FLOPs.
+
+    Exact for one gated layer; with several, a routing change in one layer changes the inputs
+    (hence the scores) of later layers, so it is measured here, not guaranteed.
+    """
+    result = {}
+    for variant in sorted({r["variant"] for r in rows} - {"dense"}):
+        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["threshold"])
+        pairs = violations = 0
+        for low, high in pairwise(mine):
+            if high["threshold"] == low["threshold"]:
+                continue
+            for a, b in zip(low["block_flops"], high["block_flops"], strict=True):
+                pairs += 1
+                violations += b > a
+        result[variant] = {"block_pairs": pairs, "violations": violations}
+    return result
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -138,6 +162,8 @@ def main() -> None:
         help="also measure the gated models at this threshold (0: every token kept)",
     )
     parser.add_argument("--command", help="the command to record (default: this one)")
+    parser.add_argument("--notes", help="what the numbers mean, recorded as is")
+    parser.add_argument("--training", help="how the checkpoints were trained, recorded as is")
     args = parser.parse_args()
 
     blocks = held_out_blocks(args.text, args.dense, args.blocks, args.block_size)
@@ -152,7 +178,10 @@ def main() -> None:
         settings += [("fixed", t) for t in args.threshold]
         for name, threshold in settings:
             row = measure(model, blocks, threshold, args.batch)
-            rows.append({"variant": routing.kind, "setting": f"{name} {threshold:.2f}", **row})
+            setting = f"{name} {threshold:.2f}"
+            rows.append(
+                {"variant": routing.kind, "setting": setting, "threshold": threshold, **row}
+            )
     base_ppl = rows[0]["perplexity"]
     for row in rows:
         row["rel_perplexity"] = row["perplexity"] / base_ppl
@@ -171,6 +200,9 @@ def main() -> None:
         "base": str(args.dense),
         "held_out": {"text": str(args.text), "blocks": args.blocks, "block_size": args.block_size},
         "machine": {"device": args.device, "platform": platform.platform(), "cpus": os.cpu_count()},
+        "training": args.training,
+        "notes": args.notes,
+        "threshold_monotonicity": monotonicity(rows),
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -247,3 +247,20 @@ def test_perplexity_evaluator_routes_gated_models_by_quality(
             assert torch.equal(scored[quality], expected), quality
         assert load_logits_fn(dense_folder)(ids).shape == expected.shape
     assert not torch.equal(scored["aggressive"], scored["conservative"])
+
+
+def test_train_cli_distils_from_the_dense_teacher(dense_folder: Path, tmp_path: Path) -> None:
+    """A copy of the teacher starts at KL 0; a converted model starts away from it."""
+    convert(dense_folder, tmp_path / "sdt", "sdt")
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    short = ["--steps", "2", "--batch-size", "2", "--block-size", "24", "--lr", "1e-3"]
+    first_kl = {}
+    for name, student in (("dense", dense_folder), ("sdt", tmp_path / "sdt")):
+        out = tmp_path / f"{name}-run"
+        argv = ["train", str(student), "--data", str(text), "--output", str(out)]
+        assert run_cli([*argv, *short, "--teacher", str(dense_folder)]) == 0
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        first_kl[name] = history[0]["distill_kl"]
+    assert abs(first_kl["dense"]) < 1e-6, first_kl
+    assert first_kl["sdt"] > 1e-4, first_kl

@@ -1,7 +1,8 @@
 """`subjective train`: fine-tune a converted SDT/STT model (or, as their baseline, the dense one).
 
 Loss = LM cross-entropy + w_prior·(prior / transition MSE) + w_router·router BCE
-+ w_gate·mean(g) (STT), with Top-K routing by the surprise gate (DESIGN.md §3). AdamW, cosine
++ w_gate·mean(g) (STT) [+ w_distill·KL(teacher ‖ model) with `--teacher`, the dense model],
+with Top-K routing by the surprise gate (DESIGN.md §3). AdamW, cosine
 schedule with linear warm-up, β of the gates annealed linearly. Checkpoints in `OUTPUT/model`
 (adapter only when the base is frozen, full weights otherwise) plus `OUTPUT/state.pt`
 (optimizer, schedule, step, sampler), so `--resume` continues where a run stopped; the loss
@@ -37,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-weight", type=float, default=0.05)
     p.add_argument("--router-weight", type=float, default=0.01)
     p.add_argument("--gate-weight", type=float, default=0.001)
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        help="dense folder to distil from: adds the KL from its next-token distribution",
+    )
+    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of that KL term")
     p.add_argument("--beta-start", type=float, default=1.0)
     p.add_argument("--beta-end", type=float, default=1.0)
     p.add_argument("--save-every", type=int, default=100)
@@ -88,12 +95,15 @@ def sample_batch(tokens, batch: int, block: int, generator):
     return torch.stack([tokens[s : s + block + 1] for s in starts.tolist()]).long()
 
 
-def compute_loss(model, ids, args) -> tuple:
-    """Total loss and its parts for one batch `[B, block + 1]` under Top-K routing."""
+def compute_loss(model, ids, args, teacher=None) -> tuple:
+    """Total loss and its parts for one batch `[B, block + 1]` under Top-K routing; with a
+    `teacher`, plus KL(teacher ‖ model) over each position's next-token distribution."""
+    import torch
     import torch.nn.functional as F
 
     out = model(ids[:, :-1], topk=True)
-    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    logits = out.logits.flatten(0, 1).float()
+    lm = F.cross_entropy(logits, ids[:, 1:].flatten())
     weights = {
         "prior_mse": args.prior_weight,
         "transition_mse": args.prior_weight,
@@ -102,6 +112,15 @@ def compute_loss(model, ids, args) -> tuple:
     }
     total = lm
     parts = {"lm": lm.item()}
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(ids[:, :-1], logits="all").logits.flatten(0, 1).float()
+        kl = F.kl_div(
+            F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
+            reduction="batchmean",
+        )  # fmt: skip
+        total = total + args.distill_weight * kl
+        parts["distill_kl"] = kl.item()
     for name, value in out.aux.items():
         total = total + weights.get(name, 0.0) * value
         parts[name] = value.item()
@@ -193,6 +212,11 @@ def train_command(args: argparse.Namespace) -> int:
         generator.set_state(state["generator"])
         step, history = state["step"], state["history"]
 
+    teacher = None
+    if args.teacher is not None:
+        teacher = load_model(args.teacher).to(device).eval().requires_grad_(False)
+        if teacher.config.kind != "dense":
+            raise SystemExit(f"--teacher {args.teacher}: give the dense model")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokens = tokenize_file(args.data, tokenizer, output / "cache")
     val_tokens = (
@@ -241,7 +265,7 @@ def train_command(args: argparse.Namespace) -> int:
         set_beta(model, args.beta_start + (args.beta_end - args.beta_start) * step / args.steps)
         ids = sample_batch(tokens, args.batch_size, args.block_size, generator).to(device)
         with autocast:
-            loss, parts = compute_loss(model, ids, args)
+            loss, parts = compute_loss(model, ids, args, teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
