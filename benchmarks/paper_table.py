@@ -97,14 +97,14 @@ def measure(model, blocks: torch.Tensor, threshold: float | None, batch: int) ->
 
 
 def monotonicity(rows: list[dict]) -> dict:
-    """Per variant, the block pairs where a higher threshold executed more FLOPs.
+    """Per gated run, the block pairs where a higher threshold executed more FLOPs.
 
     Exact for one gated layer; with several, a routing change in one layer changes the inputs
     (hence the scores) of later layers, so it is measured here, not guaranteed.
     """
     result = {}
-    for variant in sorted({r["variant"] for r in rows} - {"dense"}):
-        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["threshold"])
+    for run in sorted({r["run"] for r in rows if r["variant"] != "dense"}):
+        mine = sorted((r for r in rows if r["run"] == run), key=lambda r: r["threshold"])
         pairs = violations = 0
         for low, high in pairwise(mine):
             if high["threshold"] == low["threshold"]:
@@ -112,7 +112,7 @@ def monotonicity(rows: list[dict]) -> dict:
             for a, b in zip(low["block_flops"], high["block_flops"], strict=True):
                 pairs += 1
                 violations += b > a
-        result[variant] = {"block_pairs": pairs, "violations": violations}
+        result[run] = {"block_pairs": pairs, "violations": violations}
     return result
 
 
@@ -168,7 +168,8 @@ def main() -> None:
 
     blocks = held_out_blocks(args.text, args.dense, args.blocks, args.block_size)
     dense = load_model(args.dense).to(args.device).eval()
-    rows = [{"variant": "dense", "setting": "dense", **measure(dense, blocks, None, args.batch)}]
+    dense_row = measure(dense, blocks, None, args.batch)
+    rows = [{"variant": "dense", "run": args.dense.parent.name, "setting": "dense"} | dense_row]
     del dense
     for folder in args.model:
         model = load_model(folder).to(args.device).eval()
@@ -178,9 +179,11 @@ def main() -> None:
         settings += [("fixed", t) for t in args.threshold]
         for name, threshold in settings:
             row = measure(model, blocks, threshold, args.batch)
-            setting = f"{name} {threshold:.2f}"
+            run = folder.parent.name  # the training run's folder
+            setting = f"{run}: {name} {threshold:.2f}"
             rows.append(
-                {"variant": routing.kind, "setting": setting, "threshold": threshold, **row}
+                {"variant": routing.kind, "run": run, "setting": setting, "threshold": threshold}
+                | row
             )
     base_ppl = rows[0]["perplexity"]
     for row in rows:

@@ -227,7 +227,13 @@ def test_training_uses_capacity() -> None:
 
 @pytest.mark.parametrize("kind", ["sdt", "stt", "sdt-gate"])
 def test_higher_threshold_never_executes_more(kind: str) -> None:
-    # One gated layer: its decisions depend only on the threshold, so monotonicity is exact.
+    """A higher threshold never selects a new token nor executes more FLOPs: one gated layer.
+
+    Guaranteed only there: the layer's scores do not depend on the threshold. With several gated
+    layers a routing change in one changes the inputs (so the scores) of the later ones, and no
+    such guarantee holds; `benchmarks/paper_table.py` measures it on the converted model over
+    validation blocks ("threshold_monotonicity": 0 violations in 32 block pairs per run).
+    """
     model = model_for(kind, layers=2, seed=7)
     ids = ids_for(2, 20, seed=8)
     config = model.config
