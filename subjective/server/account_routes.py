@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from subjective.server.errors import APIError
@@ -97,9 +97,8 @@ async def get_threshold(service: ServiceDep, _: AdminDep) -> ThresholdState:
 
 @admin_router.put("/threshold", response_model=ThresholdState)
 async def put_threshold(
-    update: ThresholdUpdate, service: ServiceDep, _: AdminDep, request: Request
+    update: ThresholdUpdate, service: ServiceDep, _: AdminDep
 ) -> ThresholdState:
     """Set the base threshold; requests admitted from now on run with it."""
     service.threshold.set(update.threshold)
-    request.app.state.metrics.set_threshold(service.config.served_model_name, update.threshold)
     return _threshold_state(service)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -91,21 +92,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
         served_engine = build_engine(config)
         writer = UsageWriter(ledger, metrics)
-        threshold = ThresholdControl(model)
-        if threshold.base is not None:
-            metrics.set_threshold(config.served_model_name, threshold.base)
-        metrics.set_spool_depth(ledger.spool_depth())
-        app.state.authenticator = Authenticator(
-            keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
-        )
-        app.state.metrics = metrics
         app.state.service = Service(
             config=config,
             generator=Generator(
                 served_engine, AutoTokenizer.from_pretrained(config.model_dir), config
             ),
-            threshold=threshold,
-            authenticator=app.state.authenticator,
+            threshold=ThresholdControl(model),
+            authenticator=Authenticator(
+                keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
+            ),
             billing=Billing(Meter(model, slots), config.pricing, writer, metrics),
             ledger=ledger,
             created=int(time.time()),
@@ -126,7 +121,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def count_rejections(request: Request, call_next):
         response = await call_next(request)
         if 400 <= response.status_code < 500 and request.url.path.startswith("/v1/"):
-            request.app.state.metrics.observe_rejected(
+            request.app.state.service.billing.metrics.observe_rejected(
                 model=config.served_model_name,
                 status_code=response.status_code,
                 error_type=ERROR_TYPES.get(response.status_code, "invalid_request_error"),
@@ -138,8 +133,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(request: Request) -> Response:
-        body, content_type = request.app.state.metrics.render()
+    async def metrics(service: ServiceDep) -> Response:
+        """Gauges are read from their sources at scrape time, then everything is rendered."""
+        metrics = service.billing.metrics
+        metrics.set_spool_depth(await asyncio.to_thread(service.ledger.spool_depth))
+        if service.threshold.base is not None:
+            metrics.set_threshold(config.served_model_name, service.threshold.base)
+        body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=ModelList)

@@ -96,7 +96,7 @@ def _too_many(message: str, code: str, retry_after_s: float) -> APIError:
 
 
 def get_authenticator(request: Request) -> Authenticator:
-    return request.app.state.authenticator
+    return request.app.state.service.authenticator
 
 
 async def caller(request: Request) -> ApiKey:

@@ -49,7 +49,6 @@ class UsageWriter:
             self.metrics.observe_ledger_write(
                 seconds=time.perf_counter() - start, outcome=result.value
             )
-            self.metrics.set_spool_depth(self.ledger.spool_depth())
             done.set_result(result)
 
     def close(self) -> None:
