@@ -165,4 +165,4 @@ class BilledRequest:
 
 def _release_unused(meter: Meter, ticket: Ticket, unsettled: list[bool]) -> None:
     if unsettled[0]:
-        meter.slots.release(ticket.slot)
+        meter.release(ticket)

@@ -96,12 +96,16 @@ class Meter:
     def open(self) -> Ticket:
         return Ticket(*self.slots.acquire())
 
+    def release(self, ticket: Ticket) -> None:
+        """The slot back to the pool, without reading it (the request never ran)."""
+        self.slots.release(ticket.slot)
+
     def close(self, ticket: Ticket, tallies: list[EngineTally]) -> Compute:
         """The request's compute; the slot goes back to the pool."""
         try:
             counts = self.slots.read(ticket.slot)
         finally:
-            self.slots.release(ticket.slot)
+            self.release(ticket)
         if counts.metered:
             return Compute.of_counts(counts)
         return sum((self.dense_compute(t) for t in tallies), Compute())

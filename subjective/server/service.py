@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from subjective.model_registry.vllm_plugin import EXTRA_ARG_QUALITY, EXTRA_ARG_THRESHOLD
 from subjective.server.auth import Authenticator, admin_key, caller
 from subjective.server.billed_request import BilledRequest, Billing
 from subjective.server.config import ServerConfig
@@ -57,13 +58,13 @@ class Service:
         quality = body.quality or self.config.default_quality
         threshold = self.threshold.for_quality(quality)
         ticket = self.billing.meter.open()
-        extra_args: dict[str, object] = {"quality": quality, **ticket.extra_args()}
+        extra_args: dict[str, object] = {EXTRA_ARG_QUALITY: quality, **ticket.extra_args()}
         if threshold is not None:
-            extra_args["threshold"] = threshold
+            extra_args[EXTRA_ARG_THRESHOLD] = threshold
         try:
             params = self.generator.sampling_params(body, budget, extra_args)
         except ValueError as error:  # vLLM's own checks of the sampling parameters
-            self.billing.meter.slots.release(ticket.slot)
+            self.billing.meter.release(ticket)
             raise APIError(400, str(error)) from error
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         run = BilledRequest(

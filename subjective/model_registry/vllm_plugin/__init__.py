@@ -35,6 +35,10 @@ MODELS = {
     "SubjectiveTimescaleForCausalLM",
 }
 REQUEST_ROWS = "subjective.model_registry.vllm_plugin.requests:RequestRows"
+# What each request tells its gates through `SamplingParams.extra_args` (beside the meter's
+# slot and tag, `compute_slots`): its quality, and the threshold it runs with.
+EXTRA_ARG_QUALITY = "quality"
+EXTRA_ARG_THRESHOLD = "threshold"
 
 
 def register() -> None:

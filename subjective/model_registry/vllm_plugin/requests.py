@@ -26,9 +26,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from subjective.model_registry.compute_slots import EXTRA_ARG_SLOT, EXTRA_ARG_TAG
 from subjective.model_registry.config import RoutingConfig
+from subjective.model_registry.vllm_plugin import EXTRA_ARG_QUALITY, EXTRA_ARG_THRESHOLD
 
-EXTRA_ARG_QUALITY = "quality"
-EXTRA_ARG_THRESHOLD = "threshold"
 # Set (to anything) to keep every request's state by meter tag in `REGISTRY.recorded`: tests
 # and diagnostics read the routing decisions the worker took from there (in-process engine).
 RECORD_ENV = "SUBJECTIVE_RECORD_ROUTING"
