@@ -136,14 +136,15 @@ def test_hand_count_sdt_pair() -> None:
     proj = 2 * d * heads * hd + 2 * 2 * d * kv_heads * hd + 2 * heads * hd * d  # 128+128+128
     mlp = 3 * 2 * d * inter  # 768
     att = 4 * heads * hd  # per attended entry: 32
-    decision_extra = 3 * 2 * d * prior + 2 * 2 * d  # prior 96 + surprise 32
+    skip_prior = 3 * 2 * d * prior  # 96: the Dynamic layer's prior, on skipped tokens only
     router = 2 * d  # 16
     head = 2 * d * vocab  # 160
-    # Prompt: decision layer, tokens attend 1..4 entries; dynamic: token 0 (1), token 2 (2).
-    prompt = 4 * (proj + mlp + decision_extra) + att * (1 + 2 + 3 + 4)
-    prompt += 4 * router + 2 * (proj + mlp) + att * (1 + 2) + head
-    completion = 2 * (proj + mlp + decision_extra) + att * (5 + 6)
-    completion += 2 * router + (proj + mlp) + att * 3 + 2 * head
+    # Prompt: decision layer (dense: routing by router, no g computed), tokens attend 1..4
+    # entries; dynamic: token 0 (1), token 2 (2) kept, tokens 1 and 3 take the prior.
+    prompt = 4 * (proj + mlp) + att * (1 + 2 + 3 + 4)
+    prompt += 4 * router + 2 * (proj + mlp) + att * (1 + 2) + 2 * skip_prior + head
+    completion = 2 * (proj + mlp) + att * (5 + 6)
+    completion += 2 * router + (proj + mlp) + att * 3 + skip_prior + 2 * head
     assert int(report.prompt.flops[0]) == prompt
     assert int(report.completion.flops[0]) == completion
     dense_prompt = 2 * 4 * (proj + mlp) + 2 * att * (1 + 2 + 3 + 4) + head
@@ -200,11 +201,12 @@ def test_hand_count_one_temporal_layer() -> None:
     )
     routing = {0: torch.tensor([[False, True, True]])}  # 2 prompt tokens, 1 completion token
     report = count_flops(config, routing, torch.tensor([3]), torch.tensor([2]))
-    full = 4 * 2 * d * d + 3 * 2 * d * inter + 3 * 2 * d * width + 2 * 2 * d  # 128+192+72+32
+    full = 4 * 2 * d * d + 3 * 2 * d * inter  # 128 + 192 for a kept token
+    transition = 3 * 2 * d * width  # 72: the skip path's prior, for the skipped token 0
     router = 2 * 2 * d  # 16 for every token
     att = 4 * hd  # 16 per attended entry
     head = 2 * d * vocab  # 48
-    assert int(report.prompt.flops[0]) == 2 * router + full + att * 1 + head
+    assert int(report.prompt.flops[0]) == 2 * router + full + transition + att * 1 + head
     assert int(report.completion.flops[0]) == router + full + att * 2 + head
     assert int(report.prompt.dense_flops[0]) == 2 * (128 + 192) + att * (1 + 2) + head
     assert int(report.completion.dense_flops[0]) == 128 + 192 + att * 3 + head

@@ -97,6 +97,16 @@ def layer_context(valid: torch.Tensor, selected: torch.Tensor, layer: int) -> Fo
     )
 
 
+def skip_path(layer, kind: str, hidden: torch.Tensor, t: int) -> torch.Tensor:
+    """What token t of `hidden` `[1, T, d]` must become when the layer skips it: H + prior."""
+    with torch.no_grad():
+        if kind == "sdt":
+            x = hidden[0, t : t + 1]
+            return x + layer.prior(layer.prior_norm(x))
+        prev = hidden[0, t - 1 : t]
+        return hidden[0, t : t + 1] + layer.transition(layer.transition_norm(prev))
+
+
 @pytest.mark.parametrize("kind", ["sdt", "stt"])
 def test_skipped_token_is_not_attended(kind: str) -> None:
     model = model_for(kind)
@@ -108,20 +118,23 @@ def test_skipped_token_is_not_attended(kind: str) -> None:
 
     def run(hidden: torch.Tensor) -> torch.Tensor:
         ctx = layer_context(valid, selected, 1)
-        ctx.pending_gate = torch.full((1, 10), 0.7)  # SDT: the Decision layer's g
         with torch.no_grad():
             return layer(hidden, ctx)
 
     base = run(h)
     skipped = 4
-    # STT's router/transition read x_{t-1}: perturbing token 4 may change token 5's gate, not
-    # its K/V visibility; token 5 is skipped here, so every other token must be unchanged.
     perturbed = h.clone()
     perturbed[0, skipped] += 3.0
     out = run(perturbed)
-    others = torch.arange(10) != skipped
-    assert torch.equal(out[0, others], base[0, others])
-    assert torch.equal(out[0, skipped], perturbed[0, skipped])  # a skipped token keeps H
+    # STT's transition reads x_{t-1}: token 5 (skipped too) predicts from the perturbed token 4.
+    unchanged = torch.arange(10) != skipped
+    if kind == "stt":
+        unchanged[skipped + 1] = False
+        torch.testing.assert_close(out[0, 5:6], skip_path(layer, kind, perturbed, 5))
+    assert torch.equal(out[0, unchanged], base[0, unchanged])
+    # A skipped token takes the prior's predicted update: H + prior(H), nothing else.
+    torch.testing.assert_close(out[0, skipped : skipped + 1], skip_path(layer, kind, perturbed, 4))
+    assert not torch.equal(out[0, skipped], perturbed[0, skipped]), "the prior adds an update"
     # Control: perturbing a selected token does change the later selected tokens.
     control = h.clone()
     control[0, 2] += 3.0
@@ -219,7 +232,9 @@ def test_training_uses_capacity() -> None:
     model = build_model(tiny_config("sdt", capacity=0.25)).train()
     out = model(ids_for(3, 16, seed=6))
     for mask in out.routing.values():
-        assert mask.sum(1).tolist() == [4, 4, 4]
+        # ceil(0.25 · 16) = 4 by g, plus the 4 sink positions where g did not pick them.
+        assert ((mask[:, 4:].sum(1) + 4) >= 4).all() and mask[:, :4].all()
+        assert (mask.sum(1) <= 8).all()
 
 
 # --- runtime threshold ------------------------------------------------------------------------
@@ -260,26 +275,47 @@ def test_per_sequence_threshold() -> None:
     with torch.no_grad():
         out = model(ids, threshold=torch.tensor([0.0, 1.01]))
     for mask in out.routing.values():
-        assert mask[0].all() and not mask[1].any()
+        assert mask[0].all() and not mask[1, 4:].any()  # the 4 sink positions stay
 
 
-@pytest.mark.parametrize("kind", ["sdt", "stt"])
-def test_all_selected_with_unit_gate_is_the_dense_model(kind: str) -> None:
-    """Every token on the full path and g = 1: the gated model is exactly its dense base."""
+@pytest.mark.parametrize("kind", ["sdt", "stt", "sdt-gate"])
+def test_every_token_kept_is_the_dense_model(kind: str) -> None:
+    """Every token on the full path: the gated model is exactly its dense base (kept tokens add
+    their block output unscaled, whatever g is)."""
     model = model_for(kind, seed=10)
     dense = build_model(tiny_config("dense"))
     dense.load_state_dict(model.state_dict(), strict=False)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("surprise.o_ce"):
-                param.fill_(1e30)  # log o_ce = 69: S_CE = 1 in float32, so g = 1
     ids = ids_for(2, 11, seed=11)
     cache = model.new_cache(2)
     with torch.no_grad():
         out = model(ids, threshold=0.0, cache=cache)
         expected = dense.eval()(ids).logits
-    for layer, mask in out.routing.items():
+    for mask in out.routing.values():
         assert mask.all()
-        torch.testing.assert_close(out.gates[layer], torch.ones_like(out.gates[layer]))
-    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-6)
     assert cache.kept_lengths().tolist() == [[11, 11]] * 4
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt", "sdt-gate"])
+def test_sink_tokens_always_take_the_full_path(kind: str) -> None:
+    """A threshold no score passes keeps exactly the first `sink_tokens` positions."""
+    model = model_for(kind, seed=12)
+    assert model.config.routing.sink_tokens == 4
+    ids = ids_for(2, 9, seed=12)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 3:] = False  # a sequence shorter than the sinks keeps what it has
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        first = model(ids[:, :6], valid=valid[:, :6], cache=cache, threshold=1.01)
+        # Decoding continues past the sinks: nothing more is kept.
+        later = model(ids[:, 6:], valid=valid[:, 6:], cache=cache, threshold=1.01)
+    for layer, mask in first.routing.items():
+        assert mask[0].tolist() == [True] * 4 + [False] * 2
+        assert mask[1].tolist() == [True] * 3 + [False] * 3
+        assert not later.routing[layer].any()
+        assert cache.kept_lengths()[layer].tolist() == [4, 3]
+    # Training's Top-K keeps the sinks too, beside its ceil(γ·T) choices.
+    model.train()
+    out = model(ids_for(3, 16, seed=13))
+    for mask in out.routing.values():
+        assert mask[:, :4].all()

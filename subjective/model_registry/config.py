@@ -32,8 +32,10 @@ class RoutingConfig:
     quality_offsets: dict[str, float] = field(
         default_factory=lambda: {"aggressive": 0.1, "conservative": -0.1}
     )
-    prior_width: int = 0  # SDT prior SwiGLU width (about d/16)
-    transition_width: int = 0  # STT transition SwiGLU width
+    prior_width: int = 0  # SDT prior SwiGLU width (Decision and Dynamic layers)
+    transition_width: int = 0  # STT transition SwiGLU width (the skip path's prior)
+    # The first `sink_tokens` positions of a sequence always take the full path (attention sinks).
+    sink_tokens: int = 4
     ma_window: int = 32  # earlier tokens in the CU moving average
     o_ce_init: float = 1.025
     m_cu_init: float = 1.1

@@ -6,12 +6,13 @@ Convention: a matmul `[m, k] @ [k, n]` costs `2·m·n·k`. Counted, per layer an
   layer): Q, K, V, O projections `2·d·(H + 2·H_kv)·hd + 2·H·hd·d`; attention over the
   `L` KV entries the token attends in that layer (kept entries at positions ≤ its own,
   itself included) `2·2·H·hd·L` (scores and weighted sum); SwiGLU MLP `3·2·d·I`;
-- SDT Decision layer, every token: prior SwiGLU `3·2·d·p` and surprise `2·2·d` (the two
-  squared distances `D_st`, `D_ch`, each a length-d dot product);
-- SDT Dynamic layer, every token: router `2·d` (linear d → 1, on the cheap path too), unless
-  the routing `score` is `"gate"` (the threshold then applies to g itself: no router runs);
-- STT temporal layer, every token: router `2·2d`; selected tokens also run the transition
-  SwiGLU `3·2·d·t` and the surprise `2·2·d`;
+- SDT Decision layer, every token, only when the routing `score` is `"gate"` (g is then the
+  Dynamic layer's score): its prior SwiGLU `3·2·d·p` and surprise `2·2·d` (the two squared
+  distances `D_st`, `D_ch`, each a length-d dot product);
+- SDT Dynamic layer, every token: router `2·d` (linear d → 1), unless the `score` is `"gate"`;
+  skipped tokens: the layer's prior SwiGLU `3·2·d·p` (the skip path);
+- STT temporal layer, every token: router `2·2d`; skipped tokens: the transition SwiGLU
+  `3·2·d·t` (the skip path's prior);
 - LM head `2·d·V` per token whose logits are computed (prompt: the last prompt token, or all
   with `prompt_logits="all"`; completion: every token fed back); embeddings: 0 (a lookup).
 
@@ -145,13 +146,17 @@ def count_flops(
         if layer in spec.gated_layers:
             gated_attention += attention
             gated_attention_dense += dense_attention
-        if spec.kind == "sdt" and layer in spec.decision_layers:
+        if spec.kind == "sdt" and layer in spec.decision_layers and spec.score == "gate":
             per_token = per_token + valid.long() * (3 * 2 * d * spec.prior_width + surprise)
-        if spec.kind == "sdt" and layer in spec.gated_layers and spec.score == "router":
-            per_token = per_token + valid.long() * (2 * d)
-        if spec.kind == "stt" and layer in spec.gated_layers:
-            per_token = per_token + valid.long() * (2 * 2 * d)
-            per_token = per_token + kept * (3 * 2 * d * spec.transition_width + surprise)
+        if layer in spec.gated_layers:
+            skipped = valid.long() - kept
+            if spec.kind == "sdt":
+                router = 2 * d if spec.score == "router" else 0
+                per_token = per_token + valid.long() * router
+                per_token = per_token + skipped * (3 * 2 * d * spec.prior_width)
+            else:
+                per_token = per_token + valid.long() * (2 * 2 * d)
+                per_token = per_token + skipped * (3 * 2 * d * spec.transition_width)
         executed += per_token
         kv_executed += kept
 

@@ -1,10 +1,12 @@
 """Subjective Depth Transformer: Decision layers gate the Dynamic layer that follows them.
 
-Decision layer (dense): `H_post = H + Block(H)` for every token, a narrow prior
-`H_prior = H + PriorFFN(RMSNorm(H))`, and the surprise gate g. Dynamic layer: the selected tokens
-(Top-K by g in training, causal router ≥ threshold at inference) become `H + g·Block(H)`; the
-others keep `H`, write no KV entry and are invisible to later queries of that layer. Only the
-selected tokens are gathered into the block, so skipped work is never executed.
+Decision layer (dense): `H_post = H + Block(H)` for every token; in training (and when the
+Dynamic layer routes by `score="gate"`) also a narrow prior `H_prior = H + PriorFFN(RMSNorm(H))`
+and the surprise gate g. Dynamic layer: the selected tokens (Top-K by g in training, causal
+router above the threshold at inference, plus the sink tokens) become `H + Block(H)`, unscaled,
+so a model that keeps every token is exactly the dense model (training passes the gradient to g
+by a straight-through factor `g / stopgrad(g)`). The others take the layer's own prior,
+`H + Prior(RMSNorm(H))`: no attention, no MLP, no KV entry, invisible to later queries.
 """
 
 from __future__ import annotations
@@ -45,14 +47,38 @@ def init_fresh(module: nn.Module) -> None:
 
 
 def select_tokens(
-    layer: int, ctx: ForwardContext, gate: Tensor, router_logits: Tensor, capacity: float
+    layer: int,
+    ctx: ForwardContext,
+    gate: Tensor | None,
+    router_logits: Tensor,
+    capacity: float,
+    sink_tokens: int,
 ) -> Tensor:
-    """The `[B, T]` full-path mask of a gated layer: forced, Top-K by g, or router ≥ threshold."""
+    """The `[B, T]` full-path mask of a gated layer: forced, or the sink tokens plus Top-K by g
+    (training) or router above the threshold (inference)."""
     if ctx.forced_routing is not None and layer in ctx.forced_routing:
         return ctx.forced_routing[layer].to(ctx.valid.device) & ctx.valid
     if ctx.topk:
-        return topk_mask(gate, ctx.valid, capacity)
-    return threshold_mask(router_logits, ctx.valid, ctx.threshold)
+        if gate is None:
+            raise RuntimeError(f"layer {layer}: Top-K routing needs the gate g")
+        chosen = topk_mask(gate, ctx.valid, capacity)
+    else:
+        chosen = threshold_mask(router_logits, ctx.valid, ctx.threshold)
+    return chosen | ((ctx.positions < sink_tokens) & ctx.valid)
+
+
+def kept_update(x: Tensor, attn: Tensor, mlp: Tensor, gate: Tensor | None) -> Tensor:
+    """`x + Block(x)` of kept tokens, added in HF's order; with `gate` (training) the update is
+    multiplied by `g / stopgrad(g)`: 1 in value, so the gradient reaches g through it."""
+    if gate is None:
+        return (x + attn) + mlp
+    factor = (gate / gate.detach()).unsqueeze(-1).to(x.dtype)
+    return x + factor * attn + factor * mlp
+
+
+def predicted_update(prior: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """The skip path's predicted update of tokens `x` (`Prior(RMSNorm(x))`)."""
+    return prior(norm(x))
 
 
 def scatter(values: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
@@ -67,6 +93,7 @@ class DecisionLayer(LlamaDecoderLayer):
         super().__init__(config, index)
         routing = config.routing
         self.ma_window = routing.ma_window
+        self.score = routing.score
         self.prior_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.prior = SwiGLU(config.hidden_size, routing.prior_width)
         self.surprise = SurpriseGate(
@@ -78,6 +105,10 @@ class DecisionLayer(LlamaDecoderLayer):
         valid = ctx.valid
         x = h[valid]
         post = self.run_dense(h, ctx, ctx.kv(self.index))
+        out = h.clone()
+        out[valid] = post
+        if not (ctx.topk or self.score == "gate"):
+            return out  # routing by the Dynamic layer's router: g is not needed
         prior = x + self.prior(self.prior_norm(x))
         d_st = mean_squared_norm(post - x)
         d_ch = mean_squared_norm(post - prior)
@@ -86,25 +117,28 @@ class DecisionLayer(LlamaDecoderLayer):
         ctx.pending_gate = scatter(self.surprise(d_st, d_ch, average), valid)
         if torch.is_grad_enabled():
             ctx.add_aux("prior_mse", F.mse_loss(prior, post.detach()))
-        out = h.clone()
-        out[valid] = post
         return out
 
 
 class DynamicLayer(LlamaDecoderLayer):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__(config, index)
-        self.capacity = config.routing.capacity
-        self.score = config.routing.score
+        routing = config.routing
+        self.capacity = routing.capacity
+        self.score = routing.score
+        self.sink_tokens = routing.sink_tokens
         # Normalised input: residual streams of pretrained models carry huge outlier features.
         self.router_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.router = nn.Linear(config.hidden_size, 1)
+        self.prior_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.prior = SwiGLU(config.hidden_size, routing.prior_width)
+        init_fresh(self.prior)
 
     def forward(self, h: Tensor, ctx: ForwardContext) -> Tensor:
         gate = ctx.pending_gate
-        if gate is None:
-            raise RuntimeError(f"Dynamic layer {self.index} needs a Decision layer before it")
         ctx.pending_gate = None
+        if gate is None and (ctx.topk or self.score == "gate"):
+            raise RuntimeError(f"Dynamic layer {self.index} needs its Decision layer's g")
         valid = ctx.valid
         if self.score == "gate" and not ctx.topk:
             # g is a probability already: compared with the threshold as the router would be.
@@ -112,16 +146,23 @@ class DynamicLayer(LlamaDecoderLayer):
         else:
             state = self.router_norm(h[valid].detach())
             logits = scatter(self.router(state).squeeze(-1), valid, float("-inf"))
-        selected = select_tokens(self.index, ctx, gate, logits, self.capacity)
+        selected = select_tokens(self.index, ctx, gate, logits, self.capacity, self.sink_tokens)
         if ctx.topk and torch.is_grad_enabled():
             target = selected[valid].to(logits.dtype)
             ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
         x = h[selected]
         attn, mlp = self.block(x, ctx.positions[selected], counts_of(selected), ctx.kv(self.index))
         out = h.clone()
-        out[selected] = x + gate[selected].unsqueeze(-1) * (attn + mlp)
+        out[selected] = kept_update(x, attn, mlp, gate[selected] if ctx.topk else None)
+        skipped = valid & ~selected
+        xs = h[skipped]
+        out[skipped] = xs + predicted_update(self.prior, self.prior_norm, xs)
+        if ctx.topk and torch.is_grad_enabled():
+            guess = predicted_update(self.prior, self.prior_norm, x)
+            ctx.add_aux("prior_mse", F.mse_loss(guess, (attn + mlp).detach()))
         ctx.routing[self.index] = selected
-        ctx.gates[self.index] = gate
+        if gate is not None:
+            ctx.gates[self.index] = gate
         return out
 
 

@@ -2,12 +2,12 @@
 
 A temporal layer predicts each token's residual update from the previous token's input to the
 same layer, `Δx̂_t = Transition(RMSNorm(x_{t-1}))` (zero at t = 0, since the SwiGLU has no bias
-and `x_{-1} = 0`), and gates on the surprise `D_st = ||Δx||²/d`, `D_ch = ||Δx - Δx̂||²/d`.
-Training: a dense pass measures Δx for every token, the top `ceil(γ·T)` by g then rerun the
-block among themselves as `x + g·Block(x)`. Inference: a causal router on `[x_t, x_{t-1}]`
-decides; only selected tokens run the block (the gate g comes from their own Δx, with the
-moving average over earlier *executed* tokens), add K/V to the layer's cache, and the rest
-keep `x`.
+and `x_{-1} = 0`). Training: a dense pass measures Δx for every token and the surprise gate
+(`D_st = ||Δx||²/d`, `D_ch = ||Δx - Δx̂||²/d`); the top `ceil(γ·T)` by g (plus the sink tokens)
+rerun the block among themselves, their update passed through `g / stopgrad(g)` (1 in value).
+Inference: a causal router on `[x_t, x_{t-1}]` decides; selected tokens become `x + Block(x)`
+(unscaled: keeping every token is the dense model) and add K/V to the layer's cache; the rest
+take the transition's prediction `x + Δx̂` (the skip path's prior): no attention, no MLP, no KV.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from subjective.model_registry.cache import GateState
 from subjective.model_registry.config import ModelConfig
 from subjective.model_registry.llama import (
     ForwardContext,
@@ -26,7 +25,13 @@ from subjective.model_registry.llama import (
     SwiGLU,
     counts_of,
 )
-from subjective.model_registry.sdt import init_fresh, scatter, select_tokens
+from subjective.model_registry.sdt import (
+    init_fresh,
+    kept_update,
+    predicted_update,
+    scatter,
+    select_tokens,
+)
 from subjective.model_registry.surprise import (
     SurpriseGate,
     causal_moving_average,
@@ -41,6 +46,7 @@ class TemporalLayer(LlamaDecoderLayer):
         if routing.score != "router":
             raise ValueError("STT routes by its causal router: g needs the block to be run")
         self.capacity = routing.capacity
+        self.sink_tokens = routing.sink_tokens
         self.ma_window = routing.ma_window
         self.transition_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.transition = SwiGLU(config.hidden_size, routing.transition_width)
@@ -72,53 +78,48 @@ class TemporalLayer(LlamaDecoderLayer):
                 state.prev_input[b] = h[b, count - 1].detach().clone()
 
     def surprise_gate(
-        self, delta: Tensor, prev: Tensor, counts: list[int], state: GateState | None
+        self, delta: Tensor, prev: Tensor, counts: list[int]
     ) -> tuple[Tensor, Tensor]:
         """g for packed tokens with actual update `delta`; also returns the predicted update."""
-        predicted = self.transition(self.transition_norm(prev))
+        predicted = predicted_update(self.transition, self.transition_norm, prev)
         d_st = mean_squared_norm(delta)
         d_ch = mean_squared_norm(delta - predicted)
-        average = causal_moving_average(d_st, counts, self.ma_window, state)
+        average = causal_moving_average(d_st, counts, self.ma_window)
         return self.surprise(d_st, d_ch, average), predicted
 
     def forward(self, h: Tensor, ctx: ForwardContext) -> Tensor:
         valid = ctx.valid
         prev = self.previous_inputs(h, ctx)
-        state = None if ctx.cache is None else ctx.cache.gate_state(self.index)
         pair = torch.cat([h, prev], dim=-1)[valid].detach()
         router_in = torch.cat([self.router_norm(half) for half in pair.chunk(2, dim=-1)], -1)
         logits = scatter(self.router(router_in).squeeze(-1), valid, float("-inf"))
-        out = h.clone()
+        gate = None
         if ctx.topk:
-            # Dense measuring pass (training only): every token's Δx, no KV written.
+            # Dense measuring pass (training only): every token's Δx and g, no KV written.
             x = h[valid]
             attn, mlp = self.block(x, ctx.positions[valid], counts_of(valid), None)
             delta = attn + mlp
-            g, predicted = self.surprise_gate(delta, prev[valid], counts_of(valid), state)
+            g, predicted = self.surprise_gate(delta, prev[valid], counts_of(valid))
             gate = scatter(g, valid)
-            selected = select_tokens(self.index, ctx, gate, logits, self.capacity)
             if torch.is_grad_enabled():
-                target = selected[valid].to(logits.dtype)
                 ctx.add_aux("transition_mse", F.mse_loss(predicted, delta.detach()))
-                ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
                 ctx.add_aux("gate_mean", g.mean())
-            xs = h[selected]
-            attn, mlp = self.block(
-                xs, ctx.positions[selected], counts_of(selected), ctx.kv(self.index)
-            )
-            out[selected] = xs + gate[selected].unsqueeze(-1) * (attn + mlp)
-        else:
-            selected = select_tokens(self.index, ctx, logits, logits, self.capacity)
-            xs = h[selected]
-            counts = counts_of(selected)
-            attn, mlp = self.block(xs, ctx.positions[selected], counts, ctx.kv(self.index))
-            delta = attn + mlp
-            g, _ = self.surprise_gate(delta, prev[selected], counts, state)
-            gate = scatter(g, selected)
-            out[selected] = xs + g.unsqueeze(-1) * delta
+        selected = select_tokens(self.index, ctx, gate, logits, self.capacity, self.sink_tokens)
+        if ctx.topk and torch.is_grad_enabled():
+            target = selected[valid].to(logits.dtype)
+            ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
+        xs = h[selected]
+        attn, mlp = self.block(xs, ctx.positions[selected], counts_of(selected), ctx.kv(self.index))
+        out = h.clone()
+        out[selected] = kept_update(xs, attn, mlp, None if gate is None else gate[selected])
+        skipped = valid & ~selected
+        out[skipped] = h[skipped] + predicted_update(
+            self.transition, self.transition_norm, prev[skipped]
+        )
         self.remember_last_inputs(h, ctx)
         ctx.routing[self.index] = selected
-        ctx.gates[self.index] = gate
+        if gate is not None:
+            ctx.gates[self.index] = gate
         return out
 
 

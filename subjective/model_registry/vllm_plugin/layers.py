@@ -3,10 +3,13 @@
 Each function takes a `vllm...llama.LlamaDecoderLayer` (with the routing adapter's modules
 attached, named as in the reference so the adapter loads by name) and returns the layer's
 output for all tokens. The math is the reference's (`sdt.py`, `stt.py`): the same gate,
-moving average and threshold comparison, imported from `surprise.py`.
+moving average, threshold comparison and sink tokens, kept tokens unscaled, skipped tokens on
+their layer's prior.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -57,9 +60,11 @@ def select(
     layer: nn.Module, index: int, logits: Tensor, positions: Tensor, batch: StepBatch
 ) -> Tensor:
     """Router probability above each token's request threshold (the reference's comparison),
-    then the layer's KV capacity cap when its pages are compacted."""
+    plus the sink positions, then the layer's KV capacity cap when its pages are compacted
+    (the sinks always fit: the first block holds at least `KERNEL_BLOCK_MULTIPLE` entries)."""
     ones = torch.ones_like(logits, dtype=torch.bool)[:, None]
     selected = threshold_mask(logits[:, None], ones, batch.thresholds)[:, 0]
+    selected |= positions < layer.sink_tokens
     attn = layer.self_attn.attn
     if not isinstance(attn, CompactedAttention):
         return selected
@@ -70,11 +75,17 @@ def select(
 
 
 def decision(
-    layer: nn.Module, index: int, h: Tensor, positions: Tensor, batch: StepBatch | None
+    layer: nn.Module,
+    index: int,
+    h: Tensor,
+    positions: Tensor,
+    batch: StepBatch | None,
+    score: str,
 ) -> tuple[Tensor, Tensor | None]:
-    """SDT Decision layer: the dense output and the surprise gate g of the real tokens."""
+    """SDT Decision layer: the dense output, and the surprise gate g of the real tokens when the
+    Dynamic layer routes by g (`score="gate"`; with a router, g is not needed at inference)."""
     post = dense(layer, h, positions)
-    if batch is None:
+    if batch is None or score != "gate":
         return post, None
     n = batch.num_tokens
     x, p = h[:n], post[:n]
@@ -86,6 +97,32 @@ def decision(
     return post, layer.surprise(d_st, d_ch, average)
 
 
+def route(
+    layer: nn.Module,
+    index: int,
+    h: Tensor,
+    positions: Tensor,
+    batch: StepBatch,
+    logits: Tensor,
+    skip_update: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The gated step both kinds share: kept tokens become `x + Block(x)` (unscaled, compacted
+    K/V written), the others `x + skip_update(skipped mask)`: no attention, no MLP, no KV."""
+    n = batch.num_tokens
+    x = h[:n]
+    selected = select(layer, index, logits, positions[:n], batch)
+    xs = x[selected]
+    attn, mlp = gated_block(
+        layer, index, xs, positions[:n][selected], batch, per_row(batch, selected)
+    )
+    out = h.clone()
+    out[:n][selected] = (xs + attn) + mlp
+    skipped = ~selected
+    out[:n][skipped] = x[skipped] + skip_update(skipped)
+    batch.record(index, selected)
+    return out
+
+
 def dynamic(
     layer: nn.Module,
     index: int,
@@ -93,26 +130,24 @@ def dynamic(
     positions: Tensor,
     batch: StepBatch | None,
     gate: Tensor | None,
-    score: str,
 ) -> Tensor:
-    """SDT Dynamic layer: selected tokens become `x + g·Block(x)`, the rest keep `x`."""
-    if batch is None or gate is None:
+    """SDT Dynamic layer: the router (or g) picks who runs the block; the rest take the prior."""
+    if batch is None:
         return h  # profiling / dummy run: no request, nothing routed
-    n = batch.num_tokens
-    x = h[:n]
-    if score == "gate":
+    x = h[: batch.num_tokens]
+    if gate is not None:
         logits = torch.logit(gate.float().clamp(0.0, 1.0))
     else:
         logits = layer.router(layer.router_norm(x)).squeeze(-1)
-    selected = select(layer, index, logits, positions[:n], batch)
-    xs = x[selected]
-    attn, mlp = gated_block(
-        layer, index, xs, positions[:n][selected], batch, per_row(batch, selected)
+    return route(
+        layer,
+        index,
+        h,
+        positions,
+        batch,
+        logits,
+        lambda skipped: layer.prior(layer.prior_norm(x[skipped])),
     )
-    out = h.clone()
-    out[:n][selected] = xs + gate[selected].unsqueeze(-1) * (attn + mlp)
-    batch.record(index, selected)
-    return out
 
 
 def previous_inputs(x: Tensor, batch: StepBatch, last: list[Tensor | None]) -> Tensor:
@@ -130,27 +165,24 @@ def previous_inputs(x: Tensor, batch: StepBatch, last: list[Tensor | None]) -> T
 def temporal(
     layer: nn.Module, index: int, h: Tensor, positions: Tensor, batch: StepBatch | None
 ) -> Tensor:
-    """STT temporal layer: the causal router on `[x_t, x_{t-1}]` picks who runs the block."""
+    """STT temporal layer: the causal router on `[x_t, x_{t-1}]` picks who runs the block; the
+    rest take the transition network's predicted update from `x_{t-1}`."""
     if batch is None:
         return h
-    n = batch.num_tokens
-    x = h[:n]
+    x = h[: batch.num_tokens]
     state = batch.gate_state(index)
     prev = previous_inputs(x, batch, state.prev_input)
     router_in = torch.cat([layer.router_norm(x), layer.router_norm(prev)], dim=-1)
-    selected = select(layer, index, layer.router(router_in).squeeze(-1), positions[:n], batch)
-    new = per_row(batch, selected)
-    xs = x[selected]
-    attn, mlp = gated_block(layer, index, xs, positions[:n][selected], batch, new)
-    delta = attn + mlp
-    predicted = layer.transition(layer.transition_norm(prev[selected]))
-    d_st, d_ch = mean_squared_norm(delta), mean_squared_norm(delta - predicted)
-    average = causal_moving_average(d_st, new.tolist(), layer.ma_window, state)
-    g = layer.surprise(d_st, d_ch, average)
-    out = h.clone()
-    out[:n][selected] = xs + g.unsqueeze(-1) * delta
+    out = route(
+        layer,
+        index,
+        h,
+        positions,
+        batch,
+        layer.router(router_in).squeeze(-1),
+        lambda skipped: layer.transition(layer.transition_norm(prev[skipped])),
+    )
     ends = torch.cumsum(torch.tensor(batch.counts), 0) - 1
     state.prev_input = [x[int(end)].detach().clone() for end in ends]
     batch.keep_gate_state(index, state)
-    batch.record(index, selected)
     return out

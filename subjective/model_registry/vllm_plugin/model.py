@@ -39,9 +39,13 @@ def attach_adapter(layer: nn.Module, index: int, config: ModelConfig) -> None:
         layer.prior = SwiGLU(d, routing.prior_width)
         layer.surprise = SurpriseGate(*gate)
     elif routing.kind == "sdt" and index in routing.gated_layers:
+        layer.sink_tokens = routing.sink_tokens
         layer.router_norm = RMSNorm(d, eps)
         layer.router = nn.Linear(d, 1)
+        layer.prior_norm = RMSNorm(d, eps)
+        layer.prior = SwiGLU(d, routing.prior_width)
     elif routing.kind == "stt" and index in routing.gated_layers:
+        layer.sink_tokens = routing.sink_tokens
         layer.transition_norm = RMSNorm(d, eps)
         layer.transition = SwiGLU(d, routing.transition_width)
         layer.surprise = SurpriseGate(*gate)
@@ -76,9 +80,9 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
         gate = None
         for index, layer in enumerate(self.model.layers):
             if routing.kind == "sdt" and index in routing.decision_layers:
-                h, gate = gated.decision(layer, index, h, positions, batch)
+                h, gate = gated.decision(layer, index, h, positions, batch, routing.score)
             elif routing.kind == "sdt" and index in routing.gated_layers:
-                h = gated.dynamic(layer, index, h, positions, batch, gate, routing.score)
+                h = gated.dynamic(layer, index, h, positions, batch, gate)
             elif routing.kind == "stt" and index in routing.gated_layers:
                 h = gated.temporal(layer, index, h, positions, batch)
             else:
