@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -66,6 +66,19 @@ def serving(
 
     Its log goes to `state/server.log`; `env` is added to ours, without the Triton interpreter
     (the server takes vLLM's own CPU paths)."""
+    with server_process(model_dir, state, env, *options, timeout_s=timeout_s) as (_, base_url):
+        yield base_url
+
+
+@contextmanager
+def server_process(
+    model_dir: Path,
+    state: Path,
+    env: dict[str, str],
+    *options: str,
+    timeout_s: float = 300,
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """As `serving`, yielding the server's process too (a test may watch it exit)."""
     port = free_port()
     log_path = state / "server.log"
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -87,11 +100,19 @@ def serving(
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ok(f"{base_url}/health", process, log_path, timeout_s, poll_s=1)
-        yield base_url
+        yield process, base_url
     finally:
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (vLLM's processes too), SIGKILL after 60 s; a
+    group already gone is fine."""
+    with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import ExitStack, aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -19,7 +19,13 @@ from subjective.server.account_routes import admin_router, usage_router
 from subjective.server.auth import Authenticator
 from subjective.server.billed_request import Billing
 from subjective.server.config import ServerConfig
-from subjective.server.errors import ERROR_TYPES, APIError, error_body, install_error_handlers
+from subjective.server.errors import (
+    ERROR_TYPES,
+    APIError,
+    engine_dead_error,
+    error_body,
+    install_error_handlers,
+)
 from subjective.server.generation import ChoiceDelta, Generator
 from subjective.server.keys import open_key_store
 from subjective.server.ledger import open_server_ledger
@@ -67,52 +73,58 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(config: ServerConfig) -> FastAPI:
+def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     """The app; builds the vLLM engine at start-up (`app.state.service.generator.engine`).
 
     Keys, ledger and spool come from the environment (REDIS_URL, SUBJECTIVE_KEYS_PATH,
     SUBJECTIVE_LEDGER_PATH, SUBJECTIVE_SPOOL_DIR): see `keys.open_key_store` and
-    `ledger.open_server_ledger`.
+    `ledger.open_server_ledger`. Once the engine died the app answers 503 and, shortly
+    after, calls `on_engine_dead` (`subjective serve`: stop, then exit non-zero).
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from transformers import AutoTokenizer
 
-        from subjective.server.engine import build_engine
+        from subjective.server.engine import build_engine, watch_engine
 
         model = ModelConfig.from_folder(config.model_dir)
         config.pricing.rate(config.served_model_name)  # no price, no serving: fail now
         metrics = ServerMetrics()
-        keys = open_key_store()
-        ledger = open_server_ledger()
-        ledger.start()
-        slots = FrontEndSlots.create()
-        # The engine core (another process) finds the per-request compute table here.
-        os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
-        served_engine = build_engine(config)
-        writer = UsageWriter(ledger, metrics)
-        app.state.service = Service(
-            config=config,
-            generator=Generator(
+        # Closed in reverse order, each even if an earlier one fails (a dead engine's
+        # shutdown, say): the writer always drains its records into the ledger or spool.
+        with ExitStack() as teardown:
+            keys = open_key_store()
+            teardown.callback(keys.close)
+            ledger = open_server_ledger()
+            teardown.callback(ledger.close)
+            ledger.start()
+            slots = FrontEndSlots.create()
+            teardown.callback(slots.close)
+            # The engine core (another process) finds the per-request compute table here.
+            os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
+            served_engine = build_engine(config)
+            teardown.callback(served_engine.shutdown)
+            writer = UsageWriter(ledger, metrics)
+            teardown.callback(writer.close)
+            generator = Generator(
                 served_engine, AutoTokenizer.from_pretrained(config.model_dir), config
-            ),
-            threshold=ThresholdControl(model),
-            authenticator=Authenticator(
-                keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
-            ),
-            billing=Billing(Meter(model, slots), config.pricing, writer, metrics),
-            ledger=ledger,
-            created=int(time.time()),
-        )
-        try:
+            )
+            app.state.service = Service(
+                config=config,
+                generator=generator,
+                threshold=ThresholdControl(model),
+                authenticator=Authenticator(
+                    keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
+                ),
+                billing=Billing(Meter(model, slots), config.pricing, writer, metrics),
+                ledger=ledger,
+                created=int(time.time()),
+            )
+            if on_engine_dead is not None:
+                watcher = asyncio.create_task(watch_engine(generator, on_engine_dead))
+                teardown.callback(watcher.cancel)
             yield
-        finally:
-            served_engine.shutdown()
-            writer.close()
-            ledger.close()
-            keys.close()
-            slots.close()
 
     app = FastAPI(title="subjective", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -128,9 +140,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             )
         return response
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health(service: ServiceDep) -> dict[str, str]:
+        """Liveness: 503 `engine_dead` once the engine died (the process is exiting)."""
+        _require_engine(service)
         return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(service: ServiceDep) -> dict[str, str]:
+        """Readiness: 200 while the engine serves, 503 once it died. While the model loads
+        the server does not listen yet, which a probe also reads as not ready."""
+        _require_engine(service)
+        return {"status": "ready"}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(service: ServiceDep) -> Response:
@@ -268,6 +289,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(usage_router)
     app.include_router(admin_router)
     return app
+
+
+def _require_engine(service: Service) -> None:
+    if service.generator.engine_dead:
+        raise engine_dead_error()
 
 
 async def _collect(

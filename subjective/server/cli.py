@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from subjective.paths import DEFAULT_MODEL
@@ -35,8 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=serve)
 
 
+# The exit status once the engine died (sysexits' EX_SOFTWARE), for a supervisor to restart.
+ENGINE_DEAD_EXIT_CODE = 70
+# After the engine died, how long uvicorn's graceful shutdown waits for open responses before
+# cancelling them; the app's teardown (the usage writer draining into the ledger) runs after.
+ENGINE_DEAD_DRAIN_S = 5.0
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.main import STARTUP_FAILURE
 
     from subjective.server.app import create_app
 
@@ -57,5 +66,22 @@ def serve(args: argparse.Namespace) -> int:
         allow_anonymous=args.allow_anonymous,
         **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),
     )
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
-    return 0
+    engine_died = False
+
+    def stop_for_dead_engine() -> None:
+        """The graceful way out, as on SIGTERM: the listener closes, open responses end, then
+        the app's lifespan teardown stores every usage record before the process exits."""
+        nonlocal engine_died
+        engine_died = True
+        server.config.timeout_graceful_shutdown = ENGINE_DEAD_DRAIN_S
+        server.should_exit = True
+
+    app = create_app(config, on_engine_dead=stop_for_dead_engine)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="info")
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, re-raised once uvicorn stopped
+        server.run()
+    if engine_died:
+        return ENGINE_DEAD_EXIT_CODE
+    return 0 if server.started else STARTUP_FAILURE

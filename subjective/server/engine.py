@@ -1,10 +1,22 @@
-"""Build vLLM's AsyncLLM for a served model."""
+"""Build vLLM's AsyncLLM for a served model, and stop serving once it died."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from collections.abc import Callable
 
 from subjective.server.config import ServerConfig
+from subjective.server.generation import Generator
+
+log = logging.getLogger(__name__)
+
+# How often the watcher reads the engine's state (an attribute read), and how long the server
+# keeps answering (503 to probes and requests, in-flight responses ending with their error)
+# between the engine's death and the start of its shutdown.
+WATCH_POLL_S = 0.25
+DEATH_GRACE_S = 3.0
 
 
 def build_engine(config: ServerConfig):
@@ -30,3 +42,21 @@ def build_engine(config: ServerConfig):
     # What our model plugin needs for this folder (gated models: its request tracking).
     args.update(engine_kwargs(config.model_dir))
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+
+async def watch_engine(
+    generator: Generator,
+    on_dead: Callable[[], None],
+    *,
+    poll_s: float = WATCH_POLL_S,
+    grace_s: float = DEATH_GRACE_S,
+) -> None:
+    """Call `on_dead` `grace_s` after the engine is first seen dead, then return.
+
+    Nothing in this process can start the engine core again: a supervisor must restart the
+    whole process, and `on_dead` is how the server is told to exit for that."""
+    while not generator.engine_dead:
+        await asyncio.sleep(poll_s)
+    log.error("the vLLM engine core died: this server stops in %.1f s", grace_s)
+    await asyncio.sleep(grace_s)
+    on_dead()

@@ -47,6 +47,15 @@ class APIError(Exception):
         self.headers = headers
 
 
+def engine_dead_error() -> APIError:
+    """vLLM's engine core (or its worker) died: nothing more can run in this process."""
+    return APIError(
+        503,
+        "The inference engine stopped; this server is exiting to be restarted. Retry shortly.",
+        code="engine_dead",
+    )
+
+
 def error_body(
     status: int, message: str, *, code: str | None = None, param: str | None = None
 ) -> ErrorResponse:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from subjective.server.config import ServerConfig
-from subjective.server.errors import APIError
+from subjective.server.errors import APIError, engine_dead_error
 from subjective.server.meter import EngineTally
 from subjective.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -74,6 +74,13 @@ class Generator:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
+
+    @property
+    def engine_dead(self) -> bool:
+        """vLLM's engine core is gone (its process or its worker died, or the loop reading
+        its outputs failed): AsyncLLM's `errored`, set by its monitor thread as soon as the
+        process exits. Unrecoverable in this process."""
+        return self.engine.errored
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
         prompt = request.prompt
@@ -163,7 +170,7 @@ class Generator:
                         )
                 await queue.put(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
-                await queue.put(exc)
+                await queue.put(self._served_error(exc))
 
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
         running = len(tasks)
@@ -180,3 +187,12 @@ class Generator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _served_error(self, error: BaseException) -> BaseException:
+        """A dead engine's failure (EngineDeadError, or whatever surfaced first) becomes the
+        503 `engine_dead` the client sees; any other error stays as it is."""
+        if not isinstance(error, Exception) or not self.engine_dead:
+            return error
+        dead = engine_dead_error()
+        dead.__cause__ = error
+        return dead

@@ -13,7 +13,7 @@ from subjective.model_registry.vllm_plugin import EXTRA_ARG_QUALITY, EXTRA_ARG_T
 from subjective.server.auth import Authenticator, admin_key, caller
 from subjective.server.billed_request import BilledRequest, Billing
 from subjective.server.config import ServerConfig
-from subjective.server.errors import APIError
+from subjective.server.errors import APIError, engine_dead_error
 from subjective.server.generation import ChoiceDelta, Generator, TokenCounts
 from subjective.server.keys import ApiKey
 from subjective.server.ledger import SpoolingLedger
@@ -51,7 +51,12 @@ class Service:
         max_tokens: int | None,
         id_prefix: str,
     ) -> tuple[BilledRequest, AsyncGenerator[ChoiceDelta, None]]:
-        """Validate, admit (rate, budget), then start the request on the engine."""
+        """Validate, admit (rate, budget), then start the request on the engine.
+
+        With the engine dead the request is refused (503) before it counts or records
+        anything."""
+        if self.generator.engine_dead:
+            raise engine_dead_error()
         self.check_model(body.model)
         budget = self.generator.max_tokens(prompts, max_tokens)
         await self.authenticator.admit(key)
