@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from subjective.model_registry import cli
 from subjective.model_registry.convert import ADAPTER_FILE, convert, load_model, save_model
+from subjective.model_registry.flops import count_flops
 from subjective.model_registry.llama import is_base_parameter
 
 VOCAB = 128
@@ -233,20 +234,32 @@ def test_train_cli_adapter_lr_and_dense_baseline(dense_folder: Path, tmp_path: P
 def test_perplexity_evaluator_routes_gated_models_by_quality(
     dense_folder: Path, tmp_path: Path
 ) -> None:
-    from subjective.evaluation.models import load_logits_fn
+    from subjective.evaluation.compute import load_metered
 
     convert(dense_folder, tmp_path / "sdt", "sdt")
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     reference = load_model(tmp_path / "sdt").eval()
-    scored = {}
+    scored, executed = {}, {}
     with torch.no_grad():
         for quality in ("aggressive", "conservative", None):
             threshold = reference.config.routing.threshold_for(quality)
-            expected = reference(ids, threshold=threshold, logits="all").logits
-            scored[quality] = load_logits_fn(tmp_path / "sdt", quality=quality)(ids)
-            assert torch.equal(scored[quality], expected), quality
-        assert load_logits_fn(dense_folder)(ids).shape == expected.shape
+            expected = reference(ids, threshold=threshold, logits="all")
+            logits_fn, totals = load_metered(tmp_path / "sdt", quality=quality)
+            scored[quality] = logits_fn(ids)
+            assert torch.equal(scored[quality], expected.logits), quality
+            lengths = torch.full((2,), 24)
+            report = count_flops(
+                reference.config, expected.routing, lengths, lengths, prompt_logits="all"
+            )
+            assert totals.counts["flops"] == int(report.prompt.flops.sum())
+            executed[quality] = totals.summary()
+        dense_fn, dense_totals = load_metered(dense_folder)
+        assert dense_fn(ids).shape == expected.logits.shape
+        assert dense_totals.summary()["total_flop_reduction"] == 0.0
     assert not torch.equal(scored["aggressive"], scored["conservative"])
+    # The higher (aggressive) threshold keeps fewer KV entries in the gated layers.
+    kv_saved = {q: executed[q]["kv_reduction_gated"] for q in ("aggressive", "conservative")}
+    assert kv_saved["aggressive"] > kv_saved["conservative"]
 
 
 def test_train_cli_distils_from_the_dense_teacher(dense_folder: Path, tmp_path: Path) -> None:
@@ -264,3 +277,51 @@ def test_train_cli_distils_from_the_dense_teacher(dense_folder: Path, tmp_path: 
         first_kl[name] = history[0]["distill_kl"]
     assert abs(first_kl["dense"]) < 1e-6, first_kl
     assert first_kl["sdt"] > 1e-4, first_kl
+
+
+def test_install_adapter_serves_the_shipped_routing(dense_folder: Path, tmp_path: Path) -> None:
+    """A shipped adapter (config + adapter weights, no base) over the dense folder loads back
+    to the very model it was saved from."""
+
+    trained = convert(dense_folder, tmp_path / "sdt", "sdt", seed=3)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    raw = json.loads((trained / "config.json").read_text())
+    raw.pop("base_model")
+    (shipped / "config.json").write_text(json.dumps(raw))
+    (shipped / ADAPTER_FILE).write_bytes((trained / ADAPTER_FILE).read_bytes())
+    argv = ["model", "install-adapter", str(shipped), "--base", str(dense_folder)]
+    assert run_cli([*argv, "--output", str(tmp_path / "served")]) == 0
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = load_model(trained)(ids)
+        got = load_model(tmp_path / "served")(ids)
+    assert torch.equal(got.logits, expected.logits)
+    assert (tmp_path / "served" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit, match="no SDT/STT routing adapter"):
+        run_cli(["model", "install-adapter", str(dense_folder), "--output", str(tmp_path / "x")])
+
+
+def test_eval_ppl_on_a_text_file_reports_compute(dense_folder: Path, tmp_path: Path) -> None:
+    from subjective.cli import main
+
+    convert(dense_folder, tmp_path / "stt", "stt")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    records = {}
+    for threshold in ("0", "1"):
+        out = tmp_path / f"eval-{threshold}.json"
+        argv = ["eval", "ppl", str(tmp_path / "stt"), "--text", str(text), "--block-size", "32"]
+        assert main([*argv, "--threshold", threshold, "--json", str(out)]) == 0
+        records[threshold] = json.loads(out.read_text())
+    kept, skipped = records["0"], records["1"]
+    for field in ("perplexity", "tokens", "flops", "dense_flops", "dyn_attn_flop_reduction",
+                  "kv_reduction_gated", "kv_reduction_total"):  # fmt: skip
+        assert field in kept, field
+    assert kept["kv_reduction_gated"] == 0.0 and kept["dyn_attn_flop_reduction"] == 0.0
+    # Threshold 1: only the 4 sink positions of each 32-token block run the gated layers.
+    assert skipped["kv_reduction_gated"] == pytest.approx(1 - 4 / 32)
+    assert skipped["kv_reduction_total"] == pytest.approx((1 - 4 / 32) * 2 / 4)
+    assert skipped["flops"] < kept["flops"] and kept["dense_flops"] == skipped["dense_flops"]
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["eval", "ppl", str(tmp_path / "stt"), "--text", str(tmp_path / "missing.txt")])

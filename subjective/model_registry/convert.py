@@ -50,11 +50,14 @@ def default_routing(
     capacity: float = 0.5,
     threshold: float = 0.5,
     gated_layers: list[int] | None = None,
+    prior_width: int | None = None,
 ) -> RoutingConfig:
     """Alternate layers by default: SDT pairs (Decision 2i, Dynamic 2i+1), STT gates odd layers.
 
     `gated_layers` picks the Dynamic/temporal layers instead (SDT: layer i - 1 of each becomes
     its Decision layer, so no two gated layers may be adjacent and layer 0 cannot be gated).
+    `prior_width`: the skip-path priors' (SDT) or transition networks' (STT) width, d/16 by
+    default.
     """
     n, d = config.num_hidden_layers, config.hidden_size
     gated = sorted(gated_layers) if gated_layers is not None else list(range(1, n, 2))
@@ -68,8 +71,8 @@ def default_routing(
         gated_layers=gated if kind != "dense" else [],
         capacity=capacity,
         threshold=threshold,
-        prior_width=max(1, d // 16) if kind == "sdt" else 0,
-        transition_width=max(1, d // 16) if kind == "stt" else 0,
+        prior_width=(prior_width or max(1, d // 16)) if kind == "sdt" else 0,
+        transition_width=(prior_width or max(1, d // 16)) if kind == "stt" else 0,
     )
 
 
@@ -172,6 +175,7 @@ def convert(
     gated_layers: list[int] | None = None,
     score: str = "router",
     seed: int = 0,
+    prior_width: int | None = None,
 ) -> Path:
     """Dense Llama folder `src` → SDT/STT folder `dst` referencing `src` as its base."""
     src = Path(src)
@@ -181,12 +185,31 @@ def convert(
     if ARCHITECTURES.get(raw.get("architectures", ["?"])[0]) != "dense":
         raise ValueError(f"{src} is not a dense Llama checkpoint")
     base = ModelConfig.from_dict(raw)
-    routing = default_routing(kind, base, capacity, threshold, gated_layers)
+    routing = default_routing(kind, base, capacity, threshold, gated_layers, prior_width)
     config = replace(base, routing=replace(routing, score=score))
     torch.manual_seed(seed)
     model = build_model(config)
     load_base_weights(model, read_safetensors_dir(src))
     return save_model(model, dst, base_folder=src, template_config=raw, tokenizer_from=src)
+
+
+def install_adapter(adapter: str | Path, base: str | Path, dst: str | Path) -> Path:
+    """A shipped routing adapter (config.json + adapter weights) → a servable folder `dst` over
+    the dense `base` folder (referenced, not copied; its tokenizer files copied)."""
+    adapter, base, dst = Path(adapter), Path(base), Path(dst)
+    raw = json.loads((adapter / "config.json").read_text())
+    if ARCHITECTURES.get(raw.get("architectures", ["?"])[0]) in (None, "dense"):
+        raise ValueError(f"{adapter} holds no SDT/STT routing adapter")
+    if not has_base_weights(base):
+        raise FileNotFoundError(f"{base} holds no base weights")
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(adapter / ADAPTER_FILE, dst / ADAPTER_FILE)
+    raw["base_model"] = os.path.relpath(base.resolve(), dst.resolve())
+    (dst / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, dst / name)
+    return dst
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:

@@ -2,7 +2,8 @@
 
 Loss = LM cross-entropy + w_prior·(prior / transition MSE) + w_router·router BCE
 + w_gate·mean(g) (STT) [+ w_distill·KL(teacher ‖ model) with `--teacher`, the dense model],
-with Top-K routing by the surprise gate (DESIGN.md §3). AdamW, cosine
+with Top-K routing by the surprise gate (DESIGN.md §3), or (`--routing router`) the inference
+routing, whose skip-path priors then learn from the KL alone (stage B). AdamW, cosine
 schedule with linear warm-up, β of the gates annealed linearly. Checkpoints in `OUTPUT/model`
 (adapter only when the base is frozen, full weights otherwise) plus `OUTPUT/state.pt`
 (optimizer, schedule, step, sampler), so `--resume` continues where a run stopped; the loss
@@ -35,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--freeze-base", action="store_true", help="train only the routing adapter")
+    p.add_argument(
+        "--routing",
+        choices=("topk", "router"),
+        default="topk",
+        help="topk: the papers' Top-K by the surprise gate; router: the inference routing (router "
+        "and threshold), so the skip-path priors learn the states the gated model really sees "
+        "(stage B of the gating recipe, with --teacher and --freeze-base)",
+    )
     p.add_argument("--prior-weight", type=float, default=0.05)
     p.add_argument("--router-weight", type=float, default=0.01)
     p.add_argument("--gate-weight", type=float, default=0.001)
@@ -96,12 +105,12 @@ def sample_batch(tokens, batch: int, block: int, generator):
 
 
 def compute_loss(model, ids, args, teacher=None) -> tuple:
-    """Total loss and its parts for one batch `[B, block + 1]` under Top-K routing; with a
+    """Total loss and its parts for one batch `[B, block + 1]` under `args.routing`; with a
     `teacher`, plus KL(teacher ‖ model) over each position's next-token distribution."""
     import torch
     import torch.nn.functional as F
 
-    out = model(ids[:, :-1], topk=True)
+    out = model(ids[:, :-1], topk=args.routing == "topk")
     logits = out.logits.flatten(0, 1).float()
     lm = F.cross_entropy(logits, ids[:, 1:].flatten())
     weights = {
