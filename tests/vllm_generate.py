@@ -1,12 +1,13 @@
 """Run one model through an in-process vLLM engine and print what it did, as JSON.
 
 `python tests/vllm_generate.py SPEC.json`: SPEC holds `model`, `max_tokens`, optionally
-`kv_capacity` (passed to `engine_kwargs`), and `requests`
-(a list of `{"prompt": [token ids], "extra_args": {...}}`, all submitted together so they share
-batches). Each request gets a compute_slots row; the output lists per request its greedy
-tokens and their log-probabilities, its counters (compute_slots FIELDS) and, for gated models,
-the routing decisions the worker took (`{layer: [0/1 per token]}`). One engine per process:
-tests run this as a subprocess, so engines never share a process.
+`kv_capacity` (passed to `engine_kwargs`) and `dtype` (default float32), and `requests` (a list
+of `{"prompt": [token ids], "extra_args": {...}}`, each optionally with its own `max_tokens`,
+all submitted together so they share batches). Each request gets a compute_slots row; the
+output lists per request its greedy tokens and their log-probabilities, its counters
+(compute_slots FIELDS) and, for gated models, the routing decisions the worker took
+(`{layer: [0/1 per token]}`). One engine per process: tests run this as a subprocess, so
+engines never share a process.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(spec_path: str) -> None:
     started = time.monotonic()
     llm = LLM(
         model=spec["model"],
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         max_model_len=256,
         max_num_seqs=8,
         max_num_batched_tokens=64,  # long prompts prefill in chunks, beside decodes
@@ -47,7 +48,7 @@ def main(spec_path: str) -> None:
     rows = [slots.acquire() for _ in spec["requests"]]
     params = [
         SamplingParams(
-            max_tokens=spec["max_tokens"],
+            max_tokens=r.get("max_tokens", spec["max_tokens"]),
             temperature=0.0,
             ignore_eos=True,
             logprobs=0,  # the chosen token's log-probability

@@ -44,6 +44,11 @@ def gated_block(
     layer: nn.Module, index: int, x: Tensor, positions: Tensor, batch: StepBatch, new: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`Block(x) = (attn, mlp)` of the selected tokens; K/V appended compacted to the layer."""
+    if x.shape[0] == 0:
+        # No token of the step runs the block. vLLM's linear layers must not see zero rows: in
+        # bf16/fp16 on AMX CPUs they run sgl-kernel's `weight_packed_linear`, which dies of SIGFPE.
+        nothing = x.new_zeros(0, x.shape[-1])
+        return nothing, nothing
     sa = layer.self_attn
     qkv, _ = sa.qkv_proj(layer.input_layernorm(x))
     q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
