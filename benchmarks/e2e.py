@@ -101,6 +101,7 @@ WARMUP_TOKENS = 2
 # Lines of a dead child's log that name the cause (vLLM's own log prefix stripped).
 CAUSE = re.compile(r"died unexpectedly|Fatal Python error|\w+(Error|Exception): ")
 LOG_PREFIX = re.compile(r"^\(.*?\) [A-Z]+ [\d-]+ [\d:]+ \[.*?\] ")
+EXIT_SIGNAL = re.compile(r"exit code: -(\d+)")
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,9 @@ def not_runnable(engine: Engine) -> str | None:
     return None
 
 
-def run_engine(engine: Engine, args: argparse.Namespace, prompts: list[list[int]], tmp: Path):
+def run_engine(
+    engine: Engine, args: argparse.Namespace, prompts: list[list[int]], tmp: Path
+) -> list[dict[str, Any]]:
     """Rows of one configuration, from its child process; what it did not finish gets `error`."""
     name = f"{engine.variant}-{engine.dtype}-{engine.mode}"
     results = tmp / f"{name}.jsonl"
@@ -379,6 +382,14 @@ def run_child(spec_path: Path, timeout: float) -> str | None:
     return f"child exited with {describe(child_process.returncode)}: {cause(log)}"
 
 
+def signal_name(match: re.Match[str]) -> str:
+    """`exit code: -8` -> `exit code: -8, SIGFPE` (a process killed by a signal)."""
+    try:
+        return f"{match[0]}, {signal.Signals(int(match[1])).name}"
+    except ValueError:
+        return match[0]
+
+
 def describe(returncode: int) -> str:
     if returncode < 0:
         return f"signal {signal.Signals(-returncode).name}"
@@ -389,7 +400,7 @@ def cause(log: str, lines: int = 3, chars: int = 1500) -> str:
     """The first distinct lines of `log` that name an error, else its last lines."""
     found: list[str] = []
     for line in log.splitlines():
-        line = LOG_PREFIX.sub("", line.strip())
+        line = EXIT_SIGNAL.sub(signal_name, LOG_PREFIX.sub("", line.strip()))
         if CAUSE.search(line) and line not in found:
             found.append(line)
     found = found or [line for line in log.splitlines() if line.strip()][-lines:]
@@ -448,7 +459,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if r["tokens_per_s"] is not None:
             top.axhline(r["tokens_per_s"], ls=style, color="black", label=f"dense {r['dtype']}")
     top.set_ylabel("output tokens/s")
-    top.legend(fontsize=8)
+    if top.get_legend_handles_labels()[0]:
+        top.legend(fontsize=8)
     bottom.bar(x, [r["ratio_to_ideal"] or 0 for r in rows], color=[colour(r) for r in rows])
     bottom.axhline(1.0, color="black", lw=0.8)
     bottom.axhline(0.9, color="grey", ls=":", lw=0.8, label="90% of ideal")
