@@ -1,5 +1,6 @@
-# `make serve` and `make test` set everything up on a fresh machine, then serve / test.
-# Both are idempotent: a second run only does what changed.
+# `make serve`, `make test` and `make bench` set everything up on a fresh machine, then serve /
+# test / benchmark.
+# All are idempotent: a second run only does what changed.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,13 +13,17 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 DEBIAN_PACKAGES := redis-server prometheus python3.11-doc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test setup system-deps lint
+.PHONY: serve test bench setup system-deps lint
 
 serve: setup $(MODEL)/config.json
 	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000 --allow-anonymous
 
 test: setup $(MODEL)/config.json data/validation.txt
 	$(VENV)/bin/python -m pytest
+
+# End to end: dense vs SDT/STT through vLLM -> benchmarks/results/e2e_cpu.json and .png.
+bench: setup $(MODEL)/config.json data/validation.txt
+	$(VENV)/bin/python benchmarks/e2e.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
