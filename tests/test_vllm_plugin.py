@@ -170,24 +170,25 @@ def test_row_registry_follows_batch_updates():
     ]
     added = [(i, p, [1] * (i + 1), []) for i, p in enumerate(params)]
     registry.apply(BatchUpdate(3, removed=[], added=added, moved=[]))
-    assert [s.threshold for s in registry.ordered(3)] == [0.1, 0.2, 0.3]
-    assert [s.prompt_len for s in registry.ordered(3)] == [1, 2, 3]
+    assert [s.threshold for s in registry.ordered(3)[0]] == [0.1, 0.2, 0.3]
+    assert [s.prompt_len for s in registry.ordered(3)[0]] == [1, 2, 3]
     first = registry.rows[0]
-    first.processed = 7  # state a request carries between steps
+    assert sorted(s.index for s in registry.ordered(3)[0]) == [0, 1, 2]  # its state table rows
     # Request 1 leaves, request 2 fills its row; then rows 0 and 1 swap.
     swap = MoveDirectionality.SWAP
     one_way = MoveDirectionality.UNIDIRECTIONAL
     registry.apply(BatchUpdate(2, removed=[1], added=[], moved=[(2, 1, one_way)]))
     registry.apply(BatchUpdate(2, removed=[], added=[], moved=[(0, 1, swap)]))
-    assert [s.slot for s in registry.ordered(2)] == [2, 0]
+    assert [s.slot for s in registry.ordered(2)[0]] == [2, 0]
     assert registry.ordered(3) is None
     # A request that was left unscheduled comes back as "added": same state, not a fresh one.
     registry.apply(BatchUpdate(3, removed=[], added=[(2, params[0], [1], [])], moved=[]))
-    assert registry.rows[2] is first and first.processed == 7
+    assert registry.rows[2] is first and first.index == 0
     count = len(registry._states)
     del params, added
     gc.collect()
     assert len(registry._states) < count  # states die with their requests' SamplingParams
+    assert registry.table.acquire() < 3  # and give their table rows back, lent again
 
 
 def test_capacity_cap_is_the_same_in_one_step_or_many():
@@ -231,7 +232,8 @@ def test_compact_attention_equals_attention_over_kept_entries():
         n = int(new.sum())
         q = torch.randn(n, heads * head)
         k, v = torch.randn(n, kv_heads * head), torch.randn(n, kv_heads * head)
-        got = compact_attention(attn, q, k, v, block_table, before, new)
+        rows = torch.repeat_interleave(torch.arange(2), new)
+        got = compact_attention(attn, q, k, v, block_table, before, new, rows, int(new.max()))
         start = 0
         for r, count in enumerate(new.tolist()):
             rows = slice(start, start + count)
@@ -246,6 +248,57 @@ def test_compact_attention_equals_attention_over_kept_entries():
     assert cache[[0, 3, 4, 6]].isnan().all()  # blocks no row owns stay untouched
 
 
+def step_of(counts: list[int], history: torch.Tensor, history_len: torch.Tensor):
+    """A `StepBatch` with just what the gate mode's moving average reads."""
+    from subjective.model_registry.vllm_plugin.batch import StepBatch
+
+    counts_t = torch.tensor(counts)
+    rows = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    first = counts_t.cumsum(0) - counts_t
+    empty = torch.zeros(0)
+    return StepBatch(
+        states=[],
+        gated_layers=[],
+        index=empty,
+        num_tokens=sum(counts),
+        max_query_len=max(counts),
+        max_seq_len=0,
+        counts=counts_t,
+        first_token=first,
+        starts=empty,
+        row_of_token=rows,
+        column_of_token=torch.arange(sum(counts)) - first[rows],
+        cuts=empty,
+        block_table=empty,
+        kept_start=empty,
+        kept=empty,
+        prev_input=empty,
+        history=history,
+        history_len=history_len,
+        decisions=empty,
+    )
+
+
+def test_moving_average_of_all_rows_is_the_reference():
+    """Rows of different lengths over several steps, with histories: the reference's values
+    (to the bit) and its history, one row at a time."""
+    from subjective.model_registry.cache import GateState
+    from subjective.model_registry.surprise import causal_moving_average
+    from subjective.model_registry.vllm_plugin.layers import moving_average
+
+    torch.manual_seed(0)
+    window = 4
+    state = GateState([None] * 3, [None] * 3)
+    history, have = torch.zeros(3, 1, window), torch.zeros(3, 1, dtype=torch.long)
+    for counts in ([5, 1, 2], [1, 1, 1], [3, 7, 1]):
+        values = torch.rand(sum(counts))
+        expected = causal_moving_average(values, counts, window, state)
+        batch = step_of(counts, history, have)
+        assert torch.equal(moving_average(values, batch, 0, window), expected)
+        for row, kept in enumerate(state.d_st_history):
+            assert torch.equal(history[row, 0, window - int(have[row, 0]) :], kept)
+
+
 @pytest.mark.vllm
 def test_engine_kwargs(folders):
     assert engine_kwargs(folders["dense"]) == {}
@@ -256,7 +309,8 @@ def test_engine_kwargs(folders):
 
 @pytest.mark.vllm
 def test_dense_greedy_matches_reference(folders, prompts, runs):
-    for ref, got in zip(reference(folders["dense"], prompts), runs["dense"], strict=True):
+    refs = reference(folders["dense"], prompts)
+    for ref, got in zip(refs, runs["dense"][: len(REQUESTS)], strict=True):
         assert got["tokens"] == ref.tokens[0]
 
 

@@ -31,15 +31,19 @@ def kept_slot_mapping(
     kept_before: torch.Tensor,
     new_counts: torch.Tensor,
     block_size: int,
+    seq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flat cache slots for new kept entries, packed by sequence: ``[sum(new_counts)]`` int64.
 
     Sequence ``b`` appends ``new_counts[b]`` entries after its ``kept_before[b]`` ones; the
-    block table must already hold enough blocks for them.
+    block table must already hold enough blocks for them. ``seq`` (the sequence of each new
+    entry, when the caller has it) spares expanding the counts, and its size a host read.
     """
     device = block_table.device
     counts = new_counts.to(device=device, dtype=torch.long)
-    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    if seq is None:
+        seq = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    seq = seq.to(device)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(seq.numel(), device=device) - starts[seq]
     j = kept_before.to(device=device, dtype=torch.long)[seq] + rank

@@ -97,29 +97,43 @@ def prefill_torch(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch path: one SDPA call per sequence with the prefix mask."""
+    """PyTorch path: every sequence at once, padded to the longest, in one masked SDPA."""
     out = torch.empty_like(q) if out is None else out
-    cu_q = cu_seqlens_q.tolist()
-    cu_k = cu_seqlens_k.tolist()
-    for b in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
-        if q1 == q0:
-            continue
-        lens = kv_lens[q0:q1].to(q.device)
-        if k1 == k0:
-            out[q0:q1] = 0
-            continue
-        mask = torch.arange(k1 - k0, device=q.device)[None, :] < lens[:, None]
-        o = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1),
-            k[k0:k1].transpose(0, 1),
-            v[k0:k1].transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        ).transpose(0, 1)
-        out[q0:q1] = torch.where((lens > 0)[:, None, None], o, 0)
+    if q.shape[0] == 0:
+        return out
+    seq_q, col_q, width_q = _packed_index(cu_seqlens_q.to(q.device), q.shape[0])
+    seq_k, col_k, width_k = _packed_index(cu_seqlens_k.to(q.device), k.shape[0])
+    num_seqs = cu_seqlens_q.numel() - 1
+    queries = q.new_zeros(num_seqs, width_q, *q.shape[1:])
+    queries[seq_q, col_q] = q
+    keys = k.new_zeros(num_seqs, width_k, *k.shape[1:])
+    values = v.new_zeros(num_seqs, width_k, *v.shape[1:])
+    keys[seq_k, col_k], values[seq_k, col_k] = k, v
+    lens = kv_lens.to(q.device).long()
+    visible = torch.zeros(num_seqs, width_q, dtype=torch.long, device=q.device)
+    visible[seq_q, col_q] = lens
+    mask = torch.arange(width_k, device=q.device)[None, None, :] < visible[:, :, None]
+    attended = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=True,
+    ).transpose(1, 2)[seq_q, col_q]
+    out.copy_(torch.where((lens > 0)[:, None, None], attended, 0))
     return out
+
+
+def _packed_index(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sequence and rank of each of `total` packed items, and the longest sequence."""
+    cu = cu.long()
+    counts = cu.diff()
+    seq = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=cu.device), counts, output_size=total
+    )
+    width = int(counts.max()) if counts.numel() else 0
+    return seq, torch.arange(total, device=cu.device) - cu[:-1][seq], width
 
 
 def _check_shapes(

@@ -94,6 +94,13 @@ class WorkerSlots(_Table):
         if 0 <= slot < len(self.rows) and self.rows[slot, 0] == tag:
             self.rows[slot, 1:] += counts
 
+    def add_many(self, slots: np.ndarray, tags: np.ndarray, counts: np.ndarray) -> None:
+        """`add` for several distinct slots at once: `counts` `[len(slots), len(FIELDS)]`."""
+        inside = (slots >= 0) & (slots < len(self.rows))
+        owned = inside.copy()
+        owned[inside] = self.rows[slots[inside], 0] == tags[inside]
+        self.rows[slots[owned], 1:] += counts[owned]
+
 
 class FrontEndSlots(_Table):
     """The front end's side: create the table, lend rows to requests, read them back."""

@@ -2,10 +2,12 @@
 
 - `register`: the `vllm.general_plugins` entry point (architectures -> `model.py` classes).
 - `engine_kwargs`: the engine arguments a served folder needs beside the server's own.
-- `requests`: row of vLLM's persistent batch -> request state (threshold, compute_slots row,
-  gate state), fed by a logits processor that changes no logit.
-- `batch`, `layers`: one forward step per request, and the Decision/Dynamic/temporal layers on
-  vLLM's Llama modules with the reference's gate math (`surprise.py`).
+- `requests`: row of vLLM's persistent batch -> request state (threshold, compute_slots row),
+  fed by a logits processor that changes no logit; the gate state of every request is a row of
+  preallocated tensors (`StateTable`).
+- `batch`, `layers`: one forward step, its rows' state gathered once as tensors, and the
+  Decision/Dynamic/temporal layers on vLLM's Llama modules with the reference's gate math
+  (`surprise.py`), vectorised over the rows: a layer's cost follows its kept tokens.
 - `compact_attention`, `kv_spec`: gated layers keep only their kept tokens' K/V, compacted, in
   pages vLLM allocates at γ of the dense size (so its allocator admits more sequences), through
   `subjective.kernels` (Triton on CUDA, PyTorch on CPU).

@@ -49,31 +49,30 @@ def compact_attention(
     block_table: Tensor,
     kept_before: Tensor,
     new: Tensor,
+    rows: Tensor,
+    max_new: int,
 ) -> Tensor:
     """Write the new entries compacted, then attend; q `[n, H·hd]`, k, v `[n, H_kv·hd]`.
 
-    `new[r]` of the n tokens belong to row r (rows in order), `kept_before[r]` entries are
-    already stored. Returns `[n, H·hd]`.
+    Token i belongs to row `rows[i]` (rows in order, `new[r]` tokens of row r), `kept_before[r]`
+    entries are already stored; `max_new` bounds `new` (vLLM's longest query, on the host).
+    Every row at once: decode (`max_new == 1`) reads straight from the pages, longer queries
+    attend over the rows' gathered entries in one batched call. Returns `[n, H·hd]`.
     """
-    out = torch.zeros_like(q)
     if q.shape[0] == 0:
-        return out
+        return torch.zeros_like(q)
     k_cache, v_cache, entries = kv_pages(attn)
     heads, kv_heads, head = attn.num_heads, attn.num_kv_heads, attn.head_size
-    active = torch.nonzero(new > 0).squeeze(1)
-    table = 2 * block_table[active.to(block_table.device)]
-    new_a, before_a = new[active], kept_before[active]
-    slots = kept_slot_mapping(table, before_a, new_a, entries)
+    table = 2 * block_table
+    slots = kept_slot_mapping(table, kept_before, new, entries, seq=rows)
     write_kept_kv(k.view(-1, kv_heads, head), v.view(-1, kv_heads, head), k_cache, v_cache, slots)
-    kept = (before_a + new_a).to(device=q.device, dtype=torch.int32)
+    kept = (kept_before + new).to(device=q.device, dtype=torch.int32)
     queries = q.view(-1, heads, head)
-    if bool((new_a == 1).all()):  # decode: one query per row, read straight from the pages
-        result = gated_decode_attention(queries, k_cache, v_cache, table, kept)
+    if max_new == 1:  # decode: one query per row, read straight from the pages
+        result = gated_decode_attention(queries, k_cache, v_cache, table[rows], kept[rows])
     else:
         keys, values, cu_k = gather_kept_kv(k_cache, v_cache, table, kept)
-        cu_q = torch.zeros(new_a.numel() + 1, dtype=torch.int32, device=q.device)
-        cu_q[1:] = torch.cumsum(new_a, 0)
-        result = gated_prefill_attention(
-            queries, keys, values, cu_q, cu_k, max_seqlen_q=int(new_a.max())
-        )
-    return result.reshape(out.shape).to(out.dtype)
+        cu_q = torch.zeros(new.numel() + 1, dtype=torch.int32, device=q.device)
+        cu_q[1:] = torch.cumsum(new, 0)
+        result = gated_prefill_attention(queries, keys, values, cu_q, cu_k, max_seqlen_q=max_new)
+    return result.reshape(q.shape).to(q.dtype)

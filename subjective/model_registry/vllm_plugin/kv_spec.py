@@ -28,6 +28,7 @@ KERNEL_BLOCK_MULTIPLE = 32  # keeps pages whole multiples of the kernels' tiles
 # hf_overrides key: γ of the gated layers' pages (default: the routing config's capacity);
 # 1.0 gives them dense pages and no cap (exact reference decisions at any length).
 KV_CAPACITY_OVERRIDE = "kv_capacity"
+ROW_OFFSET = 1 << 40  # keeps rows apart in `within_capacity`'s cumulative minimum
 
 
 def page_entries_for(capacity: float, block_size: int) -> int:
@@ -70,29 +71,35 @@ def make_compacted(attn: Attention, capacity: float) -> None:
 def within_capacity(
     selected: Tensor,
     positions: Tensor,
-    counts: list[int],
-    before: list[int],
+    counts: Tensor,
+    before: Tensor,
     page_entries: int,
     block_size: int,
 ) -> Tensor:
-    """`selected` without the tokens whose compacted entry would not fit the request's pages."""
-    limit = page_entries * (positions.cpu() // block_size + 1)
-    chosen_t = selected.cpu()
-    ends = torch.cumsum(torch.tensor(counts), 0)
-    running = torch.cumsum(chosen_t.long(), 0)
-    row_start = torch.cat([torch.zeros(1, dtype=torch.long), running[ends[:-1] - 1]])
-    rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    index = torch.tensor(before)[rows] + running - row_start[rows] - 1
-    if not bool((chosen_t & (index >= limit)).any()):
-        return selected  # the usual case: nothing reaches the cap
-    limit, chosen = limit.tolist(), chosen_t.tolist()
-    start = 0
-    for count, kept in zip(counts, before, strict=True):
-        for j in range(start, start + count):
-            if chosen[j]:
-                if kept < limit[j]:
-                    kept += 1
-                else:
-                    chosen[j] = False
-        start += count
-    return torch.tensor(chosen, dtype=torch.bool, device=selected.device)
+    """`selected` without the tokens whose compacted entry would not fit the request's pages.
+
+    Tokens are grouped by row (`counts[r]` of row r, `before[r]` entries kept earlier). Token j
+    is kept while its row's count so far is below its limit `L_j`: `c_j = min(c_{j-1} + s_j,
+    L_j)`, whose closed form `c_j = S_j + min(before, min_{k<=j} (L_k - S_k))` (`S`: the row's
+    running count of selected tokens) takes one cumulative minimum. Rows stay apart in that
+    minimum by an offset that falls from row to row.
+    """
+    device = selected.device
+    counts = torch.as_tensor(counts, dtype=torch.long, device=device)
+    before = torch.as_tensor(before, dtype=torch.long, device=device)
+    n = selected.numel()
+    rows = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=device), counts, output_size=n
+    )
+    limit = page_entries * (positions.to(device).long() // block_size + 1)
+    chosen = selected.long()
+    running = torch.cumsum(chosen, 0)
+    row_start = torch.cumsum(counts, 0) - counts
+    base = torch.nn.functional.pad(running, (1, 0))[row_start]  # selected before each row
+    within = running - base[rows]  # S_j
+    offset = rows * ROW_OFFSET
+    floor = torch.cummin(limit - within - offset, 0).values + offset
+    kept = within + torch.minimum(before[rows], floor)  # c_j
+    earlier = torch.cat([kept.new_zeros(1), kept[:-1]])
+    earlier = torch.where(torch.arange(n, device=device) == row_start[rows], before[rows], earlier)
+    return selected & (earlier < limit)

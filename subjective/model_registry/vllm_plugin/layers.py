@@ -5,6 +5,10 @@ attached, named as in the reference so the adapter loads by name) and returns th
 output for all tokens. The math is the reference's (`sdt.py`, `stt.py`): the same gate,
 moving average, threshold comparison and sink tokens, kept tokens unscaled, skipped tokens on
 their layer's prior.
+
+Cost follows the kept tokens: the block runs on the kept tokens only, the prior on the skipped
+ones only; a layer where every token is kept (or none) does no gathering, and one where none is
+kept runs no block at all. The layer's one host read is its kept count (it sizes the block).
 """
 
 from __future__ import annotations
@@ -14,11 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from subjective.model_registry.surprise import (
-    causal_moving_average,
-    mean_squared_norm,
-    threshold_mask,
-)
+from subjective.model_registry.surprise import mean_squared_norm
 from subjective.model_registry.vllm_plugin.batch import StepBatch
 from subjective.model_registry.vllm_plugin.compact_attention import compact_attention
 from subjective.model_registry.vllm_plugin.kv_spec import CompactedAttention, within_capacity
@@ -31,106 +31,119 @@ def dense(layer: nn.Module, h: Tensor, positions: Tensor) -> Tensor:
     return mid + layer.mlp(layer.post_attention_layernorm(mid))
 
 
-def per_row(batch: StepBatch, selected: Tensor) -> Tensor:
-    """Selected tokens per row, `[rows]` long."""
-    return torch.bincount(batch.row_of_token[selected], minlength=len(batch.states)).cpu()
-
-
-def kept_before(batch: StepBatch, index: int) -> list[int]:
-    return [s.kept.get(index, 0) for s in batch.states]
-
-
 def gated_block(
-    layer: nn.Module, index: int, x: Tensor, positions: Tensor, batch: StepBatch, new: Tensor
-) -> tuple[Tensor, Tensor]:
-    """`Block(x) = (attn, mlp)` of the selected tokens; K/V appended compacted to the layer."""
-    if x.shape[0] == 0:
-        # No token of the step runs the block. vLLM's linear layers must not see zero rows: in
-        # bf16/fp16 on AMX CPUs they run sgl-kernel's `weight_packed_linear`, which dies of SIGFPE.
-        nothing = x.new_zeros(0, x.shape[-1])
-        return nothing, nothing
+    layer: nn.Module, g: int, x: Tensor, positions: Tensor, batch: StepBatch, rows: Tensor
+) -> Tensor:
+    """`(x + attn) + mlp` of the kept tokens `x` (rows `rows`); their K/V appended compacted."""
     sa = layer.self_attn
     qkv, _ = sa.qkv_proj(layer.input_layernorm(x))
     q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
     q, k = sa.rotary_emb(positions, q, k)
-    before = torch.tensor(kept_before(batch, index), dtype=torch.long)
-    out = compact_attention(sa.attn, q, k, v, batch.block_table, before, new)
-    for state, total in zip(batch.states, (before + new).tolist(), strict=True):
-        state.kept[index] = total
+    before = batch.kept[:, g]
+    new = torch.zeros_like(before).index_add_(0, rows, torch.ones_like(rows))
+    out = compact_attention(
+        sa.attn, q, k, v, batch.block_table, before, new, rows, batch.max_query_len
+    )
+    batch.kept[:, g] = before + new
     attn, _ = sa.o_proj(out)
-    return attn, layer.mlp(layer.post_attention_layernorm(x + attn))
+    mid = x + attn
+    return mid + layer.mlp(layer.post_attention_layernorm(mid))
 
 
-def select(
-    layer: nn.Module, index: int, logits: Tensor, positions: Tensor, batch: StepBatch
-) -> Tensor:
-    """Router probability above each token's request threshold (the reference's comparison),
-    plus the sink positions, then the layer's KV capacity cap when its pages are compacted
-    (the sinks always fit: the first block holds at least `KERNEL_BLOCK_MULTIPLE` entries)."""
-    ones = torch.ones_like(logits, dtype=torch.bool)[:, None]
-    selected = threshold_mask(logits[:, None], ones, batch.thresholds)[:, 0]
-    selected |= positions < layer.sink_tokens
+def select(layer: nn.Module, g: int, logits: Tensor, positions: Tensor, batch: StepBatch) -> Tensor:
+    """Router logit above each token's request cut (`logit(threshold)`, the reference's strict
+    comparison), plus the sink positions, then the layer's KV capacity cap when its pages are
+    compacted (the sinks always fit: the first block holds at least `KERNEL_BLOCK_MULTIPLE`
+    entries)."""
+    selected = (logits.float() > batch.cuts) | (positions < layer.sink_tokens)
     attn = layer.self_attn.attn
     if not isinstance(attn, CompactedAttention):
         return selected
-    before = kept_before(batch, index)
     return within_capacity(
-        selected, positions, batch.counts, before, attn.page_entries, attn.block_size
+        selected, positions, batch.counts, batch.kept[:, g], attn.page_entries, attn.block_size
     )
+
+
+def moving_average(d_st: Tensor, batch: StepBatch, slot: int, window: int) -> Tensor:
+    """`surprise.causal_moving_average` of every row at once, with the rows' histories.
+
+    Each row's series is its history (right-aligned in `window` columns) then its new values;
+    the same float64 prefix sums as the reference, over zeros where a row has nothing, so the
+    averages are the reference's to the bit. Updates the batch's history of gate layer `slot`.
+    """
+    values = batch.padded(d_st.detach())  # [rows, width]
+    have = batch.history_len[:, slot]
+    series = torch.cat([batch.history[:, slot], values], dim=1).double()
+    prefix = torch.nn.functional.pad(series.cumsum(1), (1, 0))
+    columns = window + batch.column_of_token
+    rows = batch.row_of_token
+    lo = torch.maximum(columns - window, window - have[rows])
+    total = prefix[rows, columns] - prefix[rows, lo]
+    n_before = (columns - lo).to(series.dtype)
+    own = series[rows, columns]
+    average = torch.where(n_before > 0, total / n_before.clamp_min(1), own).to(d_st.dtype)
+    tail = batch.counts[:, None] + torch.arange(window, device=d_st.device)[None, :]
+    batch.history[:, slot] = series.gather(1, tail).to(batch.history.dtype)
+    batch.history_len[:, slot] = (have + batch.counts).clamp(max=window)
+    return average
 
 
 def decision(
     layer: nn.Module,
-    index: int,
+    slot: int | None,
     h: Tensor,
     positions: Tensor,
     batch: StepBatch | None,
-    score: str,
 ) -> tuple[Tensor, Tensor | None]:
     """SDT Decision layer: the dense output, and the surprise gate g of the real tokens when the
-    Dynamic layer routes by g (`score="gate"`; with a router, g is not needed at inference)."""
+    Dynamic layer routes by g (`slot`: its place among those layers; None with a router, where
+    g is not needed at inference)."""
     post = dense(layer, h, positions)
-    if batch is None or score != "gate":
+    if batch is None or slot is None:
         return post, None
     n = batch.num_tokens
     x, p = h[:n], post[:n]
     prior = x + layer.prior(layer.prior_norm(x))
     d_st, d_ch = mean_squared_norm(p - x), mean_squared_norm(p - prior)
-    state = batch.gate_state(index)
-    average = causal_moving_average(d_st, batch.counts, layer.ma_window, state)
-    batch.keep_gate_state(index, state)
+    average = moving_average(d_st, batch, slot, layer.ma_window)
     return post, layer.surprise(d_st, d_ch, average)
 
 
 def route(
     layer: nn.Module,
-    index: int,
+    g: int,
     h: Tensor,
     positions: Tensor,
     batch: StepBatch,
     logits: Tensor,
-    skip_update: Callable[[Tensor], Tensor],
+    prior_input: Tensor,
+    prior: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """The gated step both kinds share: kept tokens become `x + Block(x)` (unscaled, compacted
-    K/V written), the others `x + skip_update(skipped mask)`: no attention, no MLP, no KV."""
+    K/V written), the others `x + prior(prior_input)`: no attention, no MLP, no KV."""
     n = batch.num_tokens
-    x = h[:n]
-    selected = select(layer, index, logits, positions[:n], batch)
-    xs = x[selected]
-    attn, mlp = gated_block(
-        layer, index, xs, positions[:n][selected], batch, per_row(batch, selected)
-    )
-    out = h.clone()
-    out[:n][selected] = (xs + attn) + mlp
-    skipped = ~selected
-    out[:n][skipped] = x[skipped] + skip_update(skipped)
-    batch.record(index, selected)
-    return out
+    x, pos = h[:n], positions[:n]
+    selected = select(layer, g, logits, pos, batch)
+    batch.decisions[g] = selected
+    kept = int(selected.sum())
+    if kept == n:
+        out = gated_block(layer, g, x, pos, batch, batch.row_of_token)
+    elif kept == 0:
+        # Never call vLLM's layers on zero rows: in bf16/fp16 on AMX CPUs its linear layers run
+        # sgl-kernel's `weight_packed_linear`, which dies of SIGFPE on an empty batch.
+        out = x + prior(prior_input)
+    else:
+        keep, skip = selected.nonzero().squeeze(1), (~selected).nonzero().squeeze(1)
+        out = torch.empty_like(x)
+        rows = batch.row_of_token[keep]
+        out[keep] = gated_block(layer, g, x[keep], pos[keep], batch, rows)
+        out[skip] = x[skip] + prior(prior_input[skip])
+    return out if n == h.shape[0] else torch.cat([out, h[n:]])
 
 
 def dynamic(
     layer: nn.Module,
-    index: int,
+    g: int,
     h: Tensor,
     positions: Tensor,
     batch: StepBatch | None,
@@ -145,49 +158,38 @@ def dynamic(
     else:
         logits = layer.router(layer.router_norm(x)).squeeze(-1)
     return route(
-        layer,
-        index,
-        h,
-        positions,
-        batch,
-        logits,
-        lambda skipped: layer.prior(layer.prior_norm(x[skipped])),
+        layer, g, h, positions, batch, logits, x, lambda t: layer.prior(layer.prior_norm(t))
     )
 
 
-def previous_inputs(x: Tensor, batch: StepBatch, last: list[Tensor | None]) -> Tensor:
+def previous_inputs(x: Tensor, batch: StepBatch, g: int) -> Tensor:
     """`x_{t-1}` per token: shifted within each row, the row's remembered input at its start."""
-    prev = torch.zeros_like(x)
-    start = 0
-    for count, remembered in zip(batch.counts, last, strict=True):
-        prev[start + 1 : start + count] = x[start : start + count - 1]
-        if remembered is not None:
-            prev[start] = remembered
-        start += count
+    prev = torch.empty_like(x)
+    prev[1:] = x[:-1]
+    prev[batch.first_token] = batch.prev_input[:, g].to(x.dtype)
     return prev
 
 
 def temporal(
-    layer: nn.Module, index: int, h: Tensor, positions: Tensor, batch: StepBatch | None
+    layer: nn.Module, g: int, h: Tensor, positions: Tensor, batch: StepBatch | None
 ) -> Tensor:
     """STT temporal layer: the causal router on `[x_t, x_{t-1}]` picks who runs the block; the
     rest take the transition network's predicted update from `x_{t-1}`."""
     if batch is None:
         return h
     x = h[: batch.num_tokens]
-    state = batch.gate_state(index)
-    prev = previous_inputs(x, batch, state.prev_input)
+    prev = previous_inputs(x, batch, g)
     router_in = torch.cat([layer.router_norm(x), layer.router_norm(prev)], dim=-1)
+    logits = layer.router(router_in).squeeze(-1)
     out = route(
         layer,
-        index,
+        g,
         h,
         positions,
         batch,
-        layer.router(router_in).squeeze(-1),
-        lambda skipped: layer.transition(layer.transition_norm(prev[skipped])),
+        logits,
+        prev,
+        lambda t: layer.transition(layer.transition_norm(t)),
     )
-    ends = torch.cumsum(torch.tensor(batch.counts), 0) - 1
-    state.prev_input = [x[int(end)].detach().clone() for end in ends]
-    batch.keep_gate_state(index, state)
+    batch.prev_input[:, g] = x[batch.last_token].detach()
     return out

@@ -2,7 +2,8 @@
 
 A step's counts are `count_flops` over the step's window of each request (its tokens, from the
 position it starts at, over the gated layers' kept KV entries before it), so they add up exactly
-to the reference meter over the whole request; the cost is that of the step's tokens only.
+to the reference meter over the whole request; the cost is that of the step's tokens only. The
+count runs once per step, on every row at once, and ends in one host copy.
 """
 
 from __future__ import annotations
@@ -15,19 +16,7 @@ from subjective.model_registry.compute_slots import WorkerSlots
 from subjective.model_registry.config import ModelConfig
 from subjective.model_registry.flops import FlopReport, count_flops
 from subjective.model_registry.vllm_plugin.batch import StepBatch
-
-
-def decisions(batch: StepBatch, layers: list[int]) -> dict[int, Tensor]:
-    """`{layer: [rows, max count]}` full-path masks of each row's tokens in this step."""
-    counts = torch.tensor(batch.counts, dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    columns = torch.arange(batch.num_tokens) - (counts.cumsum(0) - counts)[rows]
-    out = {}
-    for layer in layers:
-        mask = torch.zeros(counts.numel(), int(counts.max()), dtype=torch.bool)
-        mask[rows, columns] = batch.decisions[layer]
-        out[layer] = mask
-    return out
+from subjective.model_registry.vllm_plugin.requests import StateTable
 
 
 def report_columns(report: FlopReport) -> Tensor:
@@ -46,22 +35,21 @@ def report_columns(report: FlopReport) -> Tensor:
     )
 
 
-def step_counts(config: ModelConfig, batch: StepBatch) -> np.ndarray:
+def step_counts(config: ModelConfig, batch: StepBatch, prompt_lens: Tensor) -> np.ndarray:
     """`[rows, len(compute_slots.FIELDS)]` int64 counts this step added to each request."""
     layers = config.routing.gated_layers
-    counts = torch.tensor(batch.counts, dtype=torch.long)
-    prompt_lens = torch.tensor([s.prompt_len for s in batch.states], dtype=torch.long)
-    routing = decisions(batch, layers)
+    masks = batch.padded(batch.decisions.T, False).permute(2, 0, 1).cpu()  # [gated, rows, width]
+    kept_start = batch.kept_start.cpu()
     report = count_flops(
         config,
-        routing,
-        counts,
-        prompt_lens,
-        starts=torch.tensor(batch.starts, dtype=torch.long),
-        kept_before=batch.kept_before,
+        dict(zip(layers, masks, strict=True)),
+        batch.counts.cpu(),
+        prompt_lens.cpu(),
+        starts=batch.starts.cpu(),
+        kept_before={layer: kept_start[:, g] for g, layer in enumerate(layers)},
     )
-    token_layers = counts * len(layers)
-    kept = sum((mask.sum(dim=1) for mask in routing.values()), torch.zeros_like(counts))
+    token_layers = batch.counts.cpu() * len(layers)
+    kept = masks.sum(dim=(0, 2))
     columns = [report_columns(report), token_layers[:, None], (token_layers - kept)[:, None]]
     return torch.cat(columns, 1).numpy().astype(np.int64)
 
@@ -73,11 +61,11 @@ class Meter:
         self.config = config
         self.slots = WorkerSlots.from_env()
 
-    def finish_step(self, batch: StepBatch) -> None:
-        for state, start, count in zip(batch.states, batch.starts, batch.counts, strict=True):
-            state.processed = start + count
+    def finish_step(self, batch: StepBatch, table: StateTable) -> None:
         if self.slots is None or not batch.states:
             return
-        for state, counts in zip(batch.states, step_counts(self.config, batch), strict=True):
-            if state.slot >= 0:
-                self.slots.add(state.slot, state.tag, counts)
+        t = table.tensors
+        counts = step_counts(self.config, batch, t["prompt_len"][batch.index])
+        slots = t["slot"][batch.index].cpu().numpy()
+        tags = t["tag"][batch.index].cpu().numpy()
+        self.slots.add_many(slots, tags, counts)

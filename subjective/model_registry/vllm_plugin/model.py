@@ -12,6 +12,7 @@ runs eagerly (data-dependent shapes).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from subjective.model_registry.vllm_plugin import layers as gated
 from subjective.model_registry.vllm_plugin.batch import current_batch
 from subjective.model_registry.vllm_plugin.kv_spec import KV_CAPACITY_OVERRIDE, make_compacted
 from subjective.model_registry.vllm_plugin.meter import Meter
+from subjective.model_registry.vllm_plugin.requests import REGISTRY
 
 
 def attach_adapter(layer: nn.Module, index: int, config: ModelConfig) -> None:
@@ -53,6 +55,31 @@ def attach_adapter(layer: nn.Module, index: int, config: ModelConfig) -> None:
         layer.router = nn.Linear(2 * d, 1)
 
 
+Role = Literal["dense", "decision", "dynamic", "temporal"]
+
+
+def gate_scored(config: ModelConfig) -> list[int]:
+    """SDT Decision layers whose surprise gate scores the next layer's tokens at inference."""
+    routing = config.routing
+    return routing.decision_layers if routing.kind == "sdt" and routing.score == "gate" else []
+
+
+def layer_roles(config: ModelConfig) -> list[tuple[Role, int | None]]:
+    """Each layer's role and its place among its kind's state (gated layers; gate-scored
+    Decision layers, None for a Decision layer that feeds no gate)."""
+    routing, scored = config.routing, gate_scored(config)
+    roles: list[tuple[Role, int | None]] = []
+    for index in range(config.num_hidden_layers):
+        if routing.kind == "sdt" and index in routing.decision_layers:
+            roles.append(("decision", scored.index(index) if index in scored else None))
+        elif index in routing.gated_layers:
+            role: Role = "dynamic" if routing.kind == "sdt" else "temporal"
+            roles.append((role, routing.gated_layers.index(index)))
+        else:
+            roles.append(("dense", None))
+    return roles
+
+
 class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
     """A converted SDT/STT checkpoint served by vLLM with real skipping."""
 
@@ -66,6 +93,16 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
             if index in self.spec.routing.gated_layers and kv_capacity < 1.0:
                 make_compacted(layer.self_attn.attn, kv_capacity)
         self.meter = Meter(self.spec)
+        self.roles = layer_roles(self.spec)
+        routing, weight = self.spec.routing, next(self.parameters())
+        REGISTRY.table.configure(
+            gated=len(routing.gated_layers),
+            gate_layers=len(gate_scored(self.spec)),
+            hidden=self.spec.hidden_size if routing.kind == "stt" else 0,
+            window=routing.ma_window,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
 
     def forward(
         self,
@@ -74,21 +111,21 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: Tensor | None = None,
     ) -> Tensor:
-        routing = self.spec.routing
-        batch = current_batch(positions, routing)
+        batch = current_batch(positions, self.spec.routing)
         h = inputs_embeds if inputs_embeds is not None else self.model.embed_input_ids(input_ids)
         gate = None
-        for index, layer in enumerate(self.model.layers):
-            if routing.kind == "sdt" and index in routing.decision_layers:
-                h, gate = gated.decision(layer, index, h, positions, batch, routing.score)
-            elif routing.kind == "sdt" and index in routing.gated_layers:
-                h = gated.dynamic(layer, index, h, positions, batch, gate)
-            elif routing.kind == "stt" and index in routing.gated_layers:
-                h = gated.temporal(layer, index, h, positions, batch)
+        for layer, (role, slot) in zip(self.model.layers, self.roles, strict=True):
+            if role == "decision":
+                h, gate = gated.decision(layer, slot, h, positions, batch)
+            elif role == "dynamic":
+                h = gated.dynamic(layer, slot, h, positions, batch, gate)
+            elif role == "temporal":
+                h = gated.temporal(layer, slot, h, positions, batch)
             else:
                 h = gated.dense(layer, h, positions)
         if batch is not None:
-            self.meter.finish_step(batch)
+            self.meter.finish_step(batch, REGISTRY.table)
+            batch.finish(REGISTRY.table)
         return self.model.norm(h)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
