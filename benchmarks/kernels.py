@@ -252,6 +252,11 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def gpu_slug(gpu: str) -> str:
+    """`NVIDIA H200` -> `nvidia-h200`: the results files' suffix."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -285,8 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = args.out
     if out is None and not args.smoke:
-        slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-        out = REPO / "benchmarks" / "results" / f"kernels_{slug}.json"
+        out = REPO / "benchmarks" / "results" / f"kernels_{gpu_slug(gpu)}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -51,8 +51,9 @@ def perplexity(
     batches = blocks.split(batch_size)
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         logits = logits_fn(batch).float()
+        targets = batch[:, 1:].to(logits.device)  # the model may run on another device
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
         )
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()

@@ -174,14 +174,16 @@ def fit_layer(
 def fit_gated_layers(
     model: LlamaForCausalLM, states: LayerStates, steps: int = 300, progress: bool = True
 ) -> list[dict]:
-    """Stage A for every gated layer of an SDT/STT `model` (modified in place, float32)."""
+    """Stage A for every gated layer of an SDT/STT `model` (modified in place, float32), on
+    the model's device (each layer's states move there in turn)."""
     routing = model.config.routing
+    device = model.lm_head.weight.device
     fits = []
     for index in tqdm(routing.gated_layers, desc="stage A", disable=not progress):
         fit = fit_layer(
             model.model.layers[index],
-            states.inputs[index],
-            states.updates[index],
+            states.inputs[index].to(device),
+            states.updates[index].to(device),
             routing.capacity,
             routing.threshold,
             routing.sink_tokens,

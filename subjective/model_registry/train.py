@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 
@@ -64,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT's checkpoint")
     p.add_argument(
         "--stop-after", type=int, default=None, help="save and stop after this many steps now"
+    )
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="save and stop once this many seconds of training have passed (the schedule still "
+        "spans --steps)",
     )
     p.set_defaults(handler=train_command)
 
@@ -270,6 +278,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     progress = tqdm(total=args.steps, initial=step, desc="train")
     stop_at = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+    started = time.monotonic()
     while step < stop_at:
         set_beta(model, args.beta_start + (args.beta_end - args.beta_start) * step / args.steps)
         ids = sample_batch(tokens, args.batch_size, args.block_size, generator).to(device)
@@ -289,8 +298,13 @@ def train_command(args: argparse.Namespace) -> int:
             log.write(json.dumps(record) + "\n")
         progress.set_postfix(lm=f"{parts['lm']:.3f}")
         progress.update(1)
-        if step % args.save_every == 0 or step == stop_at:
+        out_of_time = (
+            args.time_budget_s is not None and time.monotonic() - started > args.time_budget_s
+        )
+        if step % args.save_every == 0 or step == stop_at or out_of_time:
             save()
+        if out_of_time:
+            break
     progress.close()
     print(f"saved {checkpoint} (step {step})")
     return 0
