@@ -98,6 +98,22 @@ def test_worker_counts_reach_the_front_end_only_for_their_request(
     assert slots.read(ticket.slot) == settled
 
 
+def test_worker_counts_of_prompt_scoring_add_the_lm_head_of_the_other_prompt_tokens(
+    slots, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin counts the LM head on the last prompt token only, as for any request."""
+    config = tiny_config("dense")
+    meter = Meter(config, slots)
+    ticket = meter.open()
+    monkeypatch.setenv("SUBJECTIVE_COMPUTE_SLOTS", str(slots.path))
+    worker = WorkerSlots.from_env()
+    assert worker is not None
+    worker.add(ticket.slot, ticket.tag, np.arange(1, len(FIELDS) + 1, dtype=np.int64))
+    compute = meter.close(ticket, [EngineTally(5, 1, 0, prompt_logprobs=True)])
+    head = 2 * config.hidden_size * config.vocab_size
+    assert (compute.flops, compute.dense_flops) == (4 + 3 * head, 6 + 3 * head)
+
+
 def test_unmetered_slot_falls_back_to_the_dense_count(slots) -> None:
     meter = Meter(tiny_config("dense"), slots)
     tallies = [EngineTally(5, 0, 3), EngineTally(5, 0, 2)]
