@@ -54,6 +54,29 @@ def test_dense_meter_equals_torch_flop_counter_on_the_executed_tokens(slots) -> 
     assert compute.kv_entries == config.num_hidden_layers * 4
 
 
+def test_prompt_scoring_bills_the_lm_head_on_every_prompt_token_it_ran(slots) -> None:
+    """Prompt logprobs of a 7-token prompt with 2 cached: 5 prompt tokens run, each with its
+    logits; the one sampled token is dropped, so nothing else runs."""
+    torch.manual_seed(0)
+    config = tiny_config("dense", layers=2)
+    model = build_model(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 7))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(ids[:, :2], cache=cache, logits="last")
+        with FlopCounterMode(display=False) as counter:
+            for position in range(2, 7):
+                model(ids[:, position : position + 1], cache=cache, logits="all")
+    meter = Meter(config, slots)
+    scored = EngineTally(
+        prompt_tokens=7, cached_tokens=2, completion_tokens=0, prompt_logprobs=True
+    )
+    assert meter.dense_compute(scored).flops == counter.get_total_flops()
+    head = 2 * config.hidden_size * config.vocab_size
+    unscored = EngineTally(prompt_tokens=7, cached_tokens=2, completion_tokens=0)
+    assert meter.dense_compute(scored).flops == meter.dense_compute(unscored).flops + 4 * head
+
+
 def test_worker_counts_reach_the_front_end_only_for_their_request(
     slots, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -73,6 +96,22 @@ def test_worker_counts_reach_the_front_end_only_for_their_request(
     settled = slots.read(ticket.slot)
     worker.add(ticket.slot, ticket.tag, step)  # a late step after the request closed: dropped
     assert slots.read(ticket.slot) == settled
+
+
+def test_worker_counts_of_prompt_scoring_add_the_lm_head_of_the_other_prompt_tokens(
+    slots, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin counts the LM head on the last prompt token only, as for any request."""
+    config = tiny_config("dense")
+    meter = Meter(config, slots)
+    ticket = meter.open()
+    monkeypatch.setenv("SUBJECTIVE_COMPUTE_SLOTS", str(slots.path))
+    worker = WorkerSlots.from_env()
+    assert worker is not None
+    worker.add(ticket.slot, ticket.tag, np.arange(1, len(FIELDS) + 1, dtype=np.int64))
+    compute = meter.close(ticket, [EngineTally(5, 1, 0, prompt_logprobs=True)])
+    head = 2 * config.hidden_size * config.vocab_size
+    assert (compute.flops, compute.dense_flops) == (4 + 3 * head, 6 + 3 * head)
 
 
 def test_unmetered_slot_falls_back_to_the_dense_count(slots) -> None:

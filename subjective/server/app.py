@@ -18,6 +18,7 @@ from subjective.model_registry.config import ModelConfig
 from subjective.server.account_routes import admin_router, usage_router
 from subjective.server.auth import Authenticator
 from subjective.server.billed_request import Billing
+from subjective.server.choices import CompletionChoices, chat_logprobs
 from subjective.server.config import ServerConfig
 from subjective.server.errors import (
     ERROR_TYPES,
@@ -39,6 +40,7 @@ from subjective.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -182,6 +184,9 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         prompts = service.generator.completion_prompts(body)
         run, deltas = await service.begin(key, body, prompts, body.max_tokens, "cmpl")
         created = int(time.time())
+        choices = CompletionChoices(
+            service.generator.echoed_prompts(body), body.n, logprobs=body.logprobs is not None
+        )
 
         def response(choices: list[CompletionChoice], usage: Usage | None = None):
             return CompletionResponse(
@@ -194,32 +199,16 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
             async def events() -> AsyncIterator[str]:
                 async with aclosing(deltas):
                     async for delta in deltas:
-                        yield sse(
-                            response(
-                                [
-                                    CompletionChoice(
-                                        index=delta.index,
-                                        text=delta.text,
-                                        finish_reason=delta.finish_reason,
-                                    )
-                                ]
-                            )
-                        )
+                        yield sse(response([choices.choice(delta)]))
                 await run.stored()
                 if include_usage:
                     yield sse(response([], run.usage()))
 
             return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
-        texts, finish = await _collect(deltas)
+        merged = await _collect(deltas)
         await run.stored()
-        return response(
-            [
-                CompletionChoice(index=i, text=texts[i], finish_reason=finish[i])
-                for i in sorted(texts)
-            ],
-            run.usage(),
-        )
+        return response([choices.choice(delta) for delta in merged], run.usage())
 
     @app.post(
         "/v1/chat/completions",
@@ -233,6 +222,11 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         prompt = service.generator.chat_prompt(body)
         run, deltas = await service.begin(key, body, [prompt], body.token_budget(), "chatcmpl")
         created = int(time.time())
+
+        def logprobs(delta: ChoiceDelta) -> ChatLogprobs | None:
+            if not body.logprobs:
+                return None
+            return chat_logprobs(delta.logprobs or [], body.top_logprobs or 0)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -263,6 +257,7 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
                                     index=delta.index,
                                     delta=ChatDelta(content=delta.text),
                                     finish_reason=delta.finish_reason,
+                                    logprobs=logprobs(delta),
                                 )
                             ]
                         )
@@ -272,11 +267,16 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
             return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
-        texts, finish = await _collect(deltas)
+        merged = await _collect(deltas)
         await run.stored()
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i])
-            for i in sorted(texts)
+            ChatChoice(
+                index=delta.index,
+                message=AssistantMessage(content=delta.text),
+                finish_reason=delta.finish_reason,
+                logprobs=logprobs(delta),
+            )
+            for delta in merged
         ]
         return ChatCompletionResponse(
             id=run.request_id,
@@ -296,13 +296,11 @@ def _require_engine(service: Service) -> None:
         raise engine_dead_error()
 
 
-async def _collect(
-    deltas: AsyncGenerator[ChoiceDelta, None],
-) -> tuple[dict[int, str], dict[int, str | None]]:
-    texts: dict[int, str] = {}
-    finish: dict[int, str | None] = {}
+async def _collect(deltas: AsyncGenerator[ChoiceDelta, None]) -> list[ChoiceDelta]:
+    """Each choice's deltas as one, by index."""
+    merged: dict[int, ChoiceDelta] = {}
     async with aclosing(deltas):
         async for delta in deltas:
-            texts[delta.index] = texts.get(delta.index, "") + delta.text
-            finish[delta.index] = delta.finish_reason
-    return texts, finish
+            earlier = merged.get(delta.index)
+            merged[delta.index] = delta if earlier is None else earlier.then(delta)
+    return [merged[index] for index in sorted(merged)]

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from subjective.server.protocol import ErrorBody, ErrorResponse
+from subjective.server.protocol import UNSUPPORTED, ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return "The request body is not valid JSON.", None
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if kind == UNSUPPORTED:
+        return str(first.get("msg")), param
     prefix = f"Invalid value for '{param}': " if param else ""
     return prefix + str(first.get("msg", "invalid request")), param
 

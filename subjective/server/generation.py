@@ -8,12 +8,34 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from subjective.server.config import ServerConfig
 from subjective.server.errors import APIError, engine_dead_error
 from subjective.server.meter import EngineTally
 from subjective.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+# What a logprob of -inf is sent as (JSON has no infinity; OpenAI's and vLLM's choice).
+LOGPROB_FLOOR = -9999.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of the most likely tokens at a position; rank 1 is the likeliest."""
+
+    token: str
+    logprob: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token of a choice or of its prompt, its logprob and the likeliest tokens at its
+    position (by rank). A prompt's first token has neither: nothing precedes it."""
+
+    token: str
+    logprob: float | None
+    top: list[Candidate] | None
 
 
 @dataclass
@@ -25,6 +47,24 @@ class ChoiceDelta:
     new_tokens: int
     finish_reason: str | None
     cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
+    # The prompt's tokens with their logprobs (prompt scoring): in a choice's first delta.
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    def then(self, later: ChoiceDelta) -> ChoiceDelta:
+        """This delta and the same choice's next one as one."""
+        return replace(
+            later,
+            text=self.text + later.text,
+            new_tokens=self.new_tokens + later.new_tokens,
+            cached_tokens=max(self.cached_tokens, later.cached_tokens),
+            logprobs=(
+                None
+                if self.logprobs is None and later.logprobs is None
+                else (self.logprobs or []) + (later.logprobs or [])
+            ),
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
+        )
 
 
 @dataclass
@@ -36,6 +76,7 @@ class TokenCounts:
 
     prompt_lengths: list[int]
     n: int = 1
+    prompt_logprobs: bool = False  # the engine computes every prompt token's logits
     completion_tokens: dict[int, int] = field(default_factory=dict)
     cached_tokens: dict[int, int] = field(default_factory=dict)
 
@@ -61,6 +102,7 @@ class TokenCounts:
                 prompt_tokens=length,
                 cached_tokens=self.cached_tokens.get(prompt, 0),
                 completion_tokens=self.completion_tokens.get(prompt * self.n + sample, 0),
+                prompt_logprobs=self.prompt_logprobs,
             )
             for prompt, length in enumerate(self.prompt_lengths)
             for sample in range(self.n)
@@ -83,15 +125,25 @@ class Generator:
         return self.engine.errored
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            return [self._encode(prompt)]
-        if all(isinstance(item, int) for item in prompt):
-            vocab_size = len(self.tokenizer)
-            if any(not 0 <= token < vocab_size for token in prompt):
-                raise APIError(400, f"Token ids must lie in [0, {vocab_size}).", param="prompt")
-            return [list(prompt)]
-        return [self._encode(text) for text in prompt]
+        return [
+            self._encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)
+            for prompt in request.prompts()
+        ]
+
+    def echoed_prompts(self, request: CompletionRequest) -> list[str] | None:
+        """Each prompt as text, for `echo` (None without it)."""
+        if not request.echo:
+            return None
+        return [
+            prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+            for prompt in request.prompts()
+        ]
+
+    def _checked_ids(self, prompt: list[int]) -> list[int]:
+        vocab_size = len(self.tokenizer)
+        if any(not 0 <= token < vocab_size for token in prompt):
+            raise APIError(400, f"Token ids must lie in [0, {vocab_size}).", param="prompt")
+        return prompt
 
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
@@ -107,11 +159,12 @@ class Generator:
         return ids
 
     def max_tokens(self, prompts: Sequence[list[int]], requested: int | None) -> int:
-        """The completion budget; 400 `context_length_exceeded` if it cannot fit."""
+        """The completion budget; 400 `context_length_exceeded` if it cannot fit. Prompt
+        scoring (0 tokens) still runs one engine step, so it needs room for one."""
         limit = self.config.max_model_len
         longest = max(len(p) for p in prompts)
         max_tokens = limit - longest if requested is None else requested
-        if longest + max_tokens > limit or max_tokens < 1:
+        if longest + max(max_tokens, 1) > limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you "
@@ -125,47 +178,78 @@ class Generator:
     def sampling_params(
         self, request: SamplingFields, max_tokens: int, extra_args: dict[str, object]
     ):
-        """vLLM's SamplingParams; `extra_args` (quality, threshold, meter slot) reach the
-        model plugin's gate and meter (DESIGN.md §4, §5). A stream gets every step's new
-        tokens; otherwise the engine sends each request's output once, at its end."""
+        """vLLM's SamplingParams, checked as the engine will check them (a bad value is a 400
+        here, before the request starts); `extra_args` (quality, threshold, meter slot) reach
+        the model plugin's gate and meter (DESIGN.md §4, §5). A stream gets every step's new
+        tokens; otherwise the engine sends each request's output once, at its end. Prompt
+        scoring (`max_tokens` 0) runs one step, whose token `stream` drops."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        return SamplingParams(
-            n=request.n,
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=request.stop,
-            seed=request.seed,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-            extra_args=extra_args,
-        )
+        options = request.sampling_options()
+        if options["min_tokens"] > max_tokens:
+            raise APIError(
+                400, f"min_tokens must not exceed the budget of {max_tokens}.", param="min_tokens"
+            )
+        structured = options.pop("structured_outputs", None)
+        try:
+            params = SamplingParams(
+                max_tokens=max(max_tokens, 1),
+                structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+                output_kind=(
+                    RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
+                ),
+                extra_args=extra_args,
+                **options,
+            )
+            engine = self.engine
+            params.verify(
+                engine.model_config,
+                engine.vllm_config.speculative_config,
+                engine.vllm_config.structured_outputs_config,
+                engine.tokenizer,
+            )
+        except (ValueError, VLLMValidationError) as error:
+            message = error.args[0] if error.args else str(error)
+            raise APIError(400, str(message), param=getattr(error, "parameter", None)) from error
+        return params
 
     async def stream(
-        self, request_id: str, prompts: Sequence[list[int]], params
+        self, request_id: str, prompts: Sequence[list[int]], params, *, generates: bool = True
     ) -> AsyncIterator[ChoiceDelta]:
-        """Deltas of every choice of every prompt, as they come; aborts all on cancellation."""
+        """Deltas of every choice of every prompt, as they come; aborts all on cancellation.
+        With `generates` False (prompt scoring) the one sampled token is dropped."""
         from vllm.inputs import TokensPrompt
 
         queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
 
         async def pump(prompt_index: int, prompt: list[int]) -> None:
             engine_id = f"{request_id}-{prompt_index}"
+            prompt_logprobs: list[TokenLogprob] | None = None
+            started: set[int] = set()
             try:
                 async for output in self.engine.generate(
                     TokensPrompt(prompt_token_ids=prompt), params, engine_id
                 ):
+                    if output.prompt_logprobs is not None and prompt_logprobs is None:
+                        prompt_logprobs = self._scored(prompt, output.prompt_logprobs)
                     for sample in output.outputs:
+                        first = sample.index not in started
+                        started.add(sample.index)
                         await queue.put(
                             ChoiceDelta(
                                 index=prompt_index * params.n + sample.index,
-                                text=sample.text,
-                                new_tokens=len(sample.token_ids),
+                                text=sample.text if generates else "",
+                                new_tokens=len(sample.token_ids) if generates else 0,
                                 finish_reason=sample.finish_reason,
                                 cached_tokens=output.num_cached_tokens or 0,
+                                logprobs=(
+                                    self._scored(sample.token_ids, sample.logprobs)
+                                    if generates and sample.logprobs is not None
+                                    else None
+                                ),
+                                prompt_logprobs=prompt_logprobs if first else None,
                             )
                         )
                 await queue.put(None)
@@ -187,6 +271,30 @@ class Generator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _scored(self, token_ids: Sequence[int], steps: Sequence) -> list[TokenLogprob]:
+        """vLLM's logprobs (per position: None, or token id -> Logprob) as ours."""
+        return [
+            self._token_logprob(token, step) for token, step in zip(token_ids, steps, strict=True)
+        ]
+
+    def _token_logprob(self, token_id: int, step) -> TokenLogprob:
+        if step is None:
+            return TokenLogprob(self.tokenizer.decode([token_id]), None, None)
+        top = sorted(
+            (
+                Candidate(self._text(tid, lp), max(lp.logprob, LOGPROB_FLOOR), lp.rank)
+                for tid, lp in step.items()
+            ),
+            key=lambda candidate: candidate.rank,
+        )
+        chosen = step[token_id]
+        return TokenLogprob(self._text(token_id, chosen), max(chosen.logprob, LOGPROB_FLOOR), top)
+
+    def _text(self, token_id: int, logprob) -> str:
+        if logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
 
     def _served_error(self, error: BaseException) -> BaseException:
         """A dead engine's failure (EngineDeadError, or whatever surfaced first) becomes the

@@ -6,6 +6,10 @@ from the routing decisions taken, into a compute slot the front end lends the re
 writes nothing there; for it every token took the full path, so the same `count_flops` gives
 the figure from the tokens vLLM reports it ran (prompt tokens not served from vLLM's prefix
 cache, plus every generated token fed back).
+
+Either count has the LM head run on the last prompt token only. A request for prompt logprobs
+(prompt scoring) has the engine compute the logits of every prompt token it runs: the meter
+adds the LM head of the others, whatever path their layers took.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class EngineTally:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    prompt_logprobs: bool = False  # logits of every prompt token it ran, not the last only
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,24 @@ class Meter:
         finally:
             self.release(ticket)
         if counts.metered:
-            return Compute.of_counts(counts)
+            return sum((self.prompt_head(t) for t in tallies), Compute.of_counts(counts))
         return sum((self.dense_compute(t) for t in tallies), Compute())
+
+    def prompt_head(self, tally: EngineTally) -> Compute:
+        """The LM head on the prompt tokens it ran but the last (prompt logprobs only)."""
+        if not tally.prompt_logprobs:
+            return Compute()
+        tokens = max(tally.prompt_tokens - tally.cached_tokens - 1, 0)
+        flops = tokens * 2 * self.model.hidden_size * self.model.vocab_size
+        return Compute(flops, flops)
 
     def dense_compute(self, tally: EngineTally) -> Compute:
         """Full-path FLOPs of the tokens vLLM ran: the prompt past its cached prefix, then
-        each generated token but the last (the last one is sampled, never fed back)."""
+        each generated token but the last (the last one is sampled, never fed back); with
+        prompt logprobs, the LM head on every prompt token it ran."""
+        return self._dense_run(tally) + self.prompt_head(tally)
+
+    def _dense_run(self, tally: EngineTally) -> Compute:
         fed = tally.prompt_tokens + max(tally.completion_tokens - 1, 0)
         ran = count_flops(
             self._dense,

@@ -1,32 +1,73 @@
 """Request and response bodies of the OpenAI HTTP API, as far as this server implements it.
 
-Fields a client may send that we do not act on are ignored (the official clients send several);
-fields we act on are validated, and a bad value is a 400 before any work is done.
+Every field a client may send is declared, and nothing is silently ignored:
+- a field we act on is validated, and a bad value is a 400 (with `param`) before any work;
+- a field of the OpenAI schema we do not implement is a 400 naming it (`Unsupported`), unless
+  it is sent with a value that cannot change the result (no tools, `tool_choice: "none"`);
+- a field that cannot change the result (`user`, `metadata`, `store`, ...) is accepted and
+  ignored (README, "OpenAI API conformance");
+- any other field is a 400, as OpenAI answers it ("Unrecognized request argument").
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from subjective.server.config import Quality
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHAT_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+UNSUPPORTED = "unsupported_field"
 
 
-class StreamOptions(BaseModel):
+def _refused_unless(*harmless: object) -> BeforeValidator:
+    """A field we do not implement: a 400 naming it, unless its value is one of `harmless`
+    (values that ask for nothing, such as an empty list of tools)."""
+
+    def check(value: object, info: ValidationInfo) -> None:
+        if value is None or any(value == allowed for allowed in harmless):
+            return None
+        raise PydanticCustomError(
+            UNSUPPORTED,
+            "'{field}' is not supported by this server (see README, OpenAI API conformance).",
+            {"field": info.field_name},
+        )
+
+    return BeforeValidator(check)
+
+
+Unsupported = Annotated[Any, _refused_unless()]
+UnsupportedTools = Annotated[Any, _refused_unless([])]
+UnsupportedToolChoice = Annotated[Any, _refused_unless("none", "auto")]
+
+
+class Request(BaseModel):
+    """A request body: fields not declared are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Request):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: we add no obfuscation padding
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Request):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")
-
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
@@ -34,31 +75,104 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    # Token id (a string in JSON) -> bias added to its logit; -100 bans it, 100 forces it.
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # ignored: an end-user id for abuse monitoring
+    # vLLM's sampling extras, as vLLM's own server takes them.
+    top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1: every token
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
     # Ours: trade compute for quality per request (DESIGN.md §4). None: the server's default.
     quality: Quality | None = None
+
+    def sampling_options(self) -> dict[str, Any]:
+        """SamplingParams fields of this request (the budget and output kind aside)."""
+        return {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+            "logit_bias": self.logit_bias,
+        }
+
+    def generates(self) -> bool:
+        """False when the client asked for no new token (prompt scoring)."""
+        return True
 
 
 class CompletionRequest(SamplingFields):
     prompt: (
         str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    # 0 only with `echo`: score the prompt (its tokens' logprobs), generate nothing.
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = None
+    suffix: Unsupported = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _scoring_needs_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens 0 asks for no completion: it needs echo (prompt scoring)")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # vLLM's v1 engine has no best_of: it returns all n samples it draws.
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of must equal n here (the server draws exactly n samples)")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def sampling_options(self) -> dict[str, Any]:
+        return {
+            **super().sampling_options(),
+            "logprobs": self.logprobs,
+            "prompt_logprobs": self.logprobs if self.echo else None,
+        }
+
+    def generates(self) -> bool:
+        return self.max_tokens != 0
 
 
-class TextPart(BaseModel):
+class TextPart(Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+    name: str | None = None  # ignored: the model's chat template has no names
+    tool_calls: UnsupportedTools = None
+    function_call: Unsupported = None
+    refusal: Unsupported = None
+    audio: Unsupported = None
+    annotations: UnsupportedTools = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -66,12 +180,84 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class TextFormat(Request):
+    type: Literal["text"]
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        return None
+
+
+class JsonObjectFormat(Request):
+    type: Literal["json_object"]
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        return {"json_object": True}
+
+
+class JsonSchema(Request):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema (guided decoding)
+
+
+class JsonSchemaFormat(Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        schema = self.json_schema.schema_
+        return {"json_object": True} if schema is None else {"json": schema}
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: UnsupportedTools = None
+    tool_choice: UnsupportedToolChoice = None
+    functions: UnsupportedTools = None
+    function_call: UnsupportedToolChoice = None
+    audio: Unsupported = None
+    modalities: Annotated[Any, _refused_unless(["text"])] = None
+    reasoning_effort: Unsupported = None
+    verbosity: Unsupported = None
+    web_search_options: Unsupported = None
+    # Ignored: they cannot change the result.
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def sampling_options(self) -> dict[str, Any]:
+        return {
+            **super().sampling_options(),
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "structured_outputs": (
+                self.response_format.structured_outputs() if self.response_format else None
+            ),
+        }
 
 
 class ComputeUsage(BaseModel):
@@ -99,11 +285,21 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length", "abort"] | None
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of the choice's text (the prompt's first, with `echo`): OpenAI's legacy shape.
+    The first prompt token has no logprob (nothing precedes it)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -115,6 +311,20 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -124,7 +334,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -145,7 +355,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

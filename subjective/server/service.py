@@ -53,13 +53,12 @@ class Service:
     ) -> tuple[BilledRequest, AsyncGenerator[ChoiceDelta, None]]:
         """Validate, admit (rate, budget), then start the request on the engine.
 
-        With the engine dead the request is refused (503) before it counts or records
-        anything."""
+        With the engine dead, or a request vLLM would refuse, nothing is counted or recorded
+        (no rate-limit token spent, no compute slot kept)."""
         if self.generator.engine_dead:
             raise engine_dead_error()
         self.check_model(body.model)
         budget = self.generator.max_tokens(prompts, max_tokens)
-        await self.authenticator.admit(key)
         quality = body.quality or self.config.default_quality
         threshold = self.threshold.for_quality(quality)
         ticket = self.billing.meter.open()
@@ -68,9 +67,10 @@ class Service:
             extra_args[EXTRA_ARG_THRESHOLD] = threshold
         try:
             params = self.generator.sampling_params(body, budget, extra_args)
-        except ValueError as error:  # vLLM's own checks of the sampling parameters
+            await self.authenticator.admit(key)
+        except BaseException:
             self.billing.meter.release(ticket)
-            raise APIError(400, str(error)) from error
+            raise
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         run = BilledRequest(
             request_id=request_id,
@@ -78,12 +78,17 @@ class Service:
             model=body.model,
             quality=quality,
             threshold=threshold,
-            counts=TokenCounts(prompt_lengths=[len(p) for p in prompts], n=body.n),
+            counts=TokenCounts(
+                prompt_lengths=[len(p) for p in prompts],
+                n=body.n,
+                prompt_logprobs=params.prompt_logprobs is not None,
+            ),
             ticket=ticket,
             billing=self.billing,
             streamed=body.stream,
         )
-        return run, run.deltas(self.generator.stream(request_id, prompts, params))
+        stream = self.generator.stream(request_id, prompts, params, generates=body.generates())
+        return run, run.deltas(stream)
 
 
 def get_service(request: Request) -> Service:
