@@ -7,6 +7,8 @@ VENV := .venv
 PIP := $(VENV)/bin/python -m pip
 SUBJECTIVE := $(VENV)/bin/subjective
 MODEL := models/SmolLM2-135M-Instruct
+# The trained gated models: committed routing adapters (adapters/) over the dense base.
+GATED := models/SmolLM2-SDT/config.json models/SmolLM2-STT/config.json
 TORCH := torch==2.13.0+cpu
 # PyPI holds only CUDA builds of torch; the CPU build comes from PyTorch's own index.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
@@ -15,15 +17,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test bench setup system-deps lint
 
-serve: setup $(MODEL)/config.json
+serve: setup $(MODEL)/config.json $(GATED)
 	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000 --allow-anonymous
 
-test: setup $(MODEL)/config.json data/validation.txt
+test: setup $(MODEL)/config.json data/validation.txt $(GATED)
 	$(VENV)/bin/python -m pytest
 
 # End to end: dense vs SDT/STT through vLLM -> benchmarks/results/e2e_cpu.json and .png.
-bench: setup $(MODEL)/config.json data/validation.txt
-	$(VENV)/bin/python benchmarks/e2e.py
+bench: setup $(MODEL)/config.json data/validation.txt $(GATED)
+	$(VENV)/bin/python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -50,6 +52,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(MODEL)/config.json: | $(VENV)/.installed
 	$(SUBJECTIVE) model import-smollm2 --output $(MODEL)
+
+models/SmolLM2-%/config.json: adapters/SmolLM2-%/config.json \
+		adapters/SmolLM2-%/routing_adapter.safetensors | $(MODEL)/config.json
+	$(SUBJECTIVE) model install-adapter adapters/SmolLM2-$* --base $(MODEL) --output models/SmolLM2-$*
 
 data/validation.txt: | $(VENV)/.installed $(MODEL)/config.json
 	$(SUBJECTIVE) data build --output data --tokenizer $(MODEL)

@@ -246,8 +246,8 @@ def test_higher_threshold_never_executes_more(kind: str) -> None:
 
     Guaranteed only there: the layer's scores do not depend on the threshold. With several gated
     layers a routing change in one changes the inputs (so the scores) of the later ones, and no
-    such guarantee holds; `benchmarks/paper_table.py` measures it on the converted model over
-    validation blocks ("threshold_monotonicity": 0 violations in 32 block pairs per run).
+    such guarantee holds; `benchmarks/gating_frontier.py` measures it on the shipped models over
+    validation blocks (`threshold_monotonicity` in its results).
     """
     model = model_for(kind, layers=2, seed=7)
     ids = ids_for(2, 20, seed=8)

@@ -24,7 +24,11 @@ class RoutingConfig:
     decision_layers: list[int] = field(default_factory=list)
     # Dynamic (SDT) or temporal (STT) layers: the ones that skip tokens.
     gated_layers: list[int] = field(default_factory=list)
-    capacity: float = 0.5  # gamma: Top-K fraction in training
+    capacity: float = 0.5  # gamma: Top-K fraction in training, and the router's calibrated share
+    # Fraction of a dense KV page the gated layers' pages hold when vLLM serves the model (None:
+    # `capacity`); at most that share of tokens can keep an entry, so it must cover the quality
+    # levels' kept shares.
+    kv_capacity: float | None = None
     # What the runtime threshold applies to at inference: the causal router's probability, or
     # (SDT only: it is causal there) the Decision layer's surprise gate g itself.
     score: Literal["router", "gate"] = "router"

@@ -87,7 +87,9 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.model_dir = vllm_config.model_config.model
         self.spec = ModelConfig.from_folder(self.model_dir)
-        kv_capacity = getattr(self.config, KV_CAPACITY_OVERRIDE, self.spec.routing.capacity)
+        routing = self.spec.routing
+        default = routing.capacity if routing.kv_capacity is None else routing.kv_capacity
+        kv_capacity = getattr(self.config, KV_CAPACITY_OVERRIDE, default)
         for index, layer in enumerate(self.model.layers):
             attach_adapter(layer, index, self.spec)
             if index in self.spec.routing.gated_layers and kv_capacity < 1.0:
