@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from subjective.evaluation.compute import ComputeTotals, metered_logits_fn
 from subjective.model_registry.convert import build_model, load_model, save_model
 from subjective.model_registry.gated_deltanet import GatedDeltaNet
 from subjective.model_registry.hybrid import HybridForCausalLM, hybridize
@@ -77,3 +78,15 @@ def test_save_and_load(teacher_and_hybrid, tmp_path) -> None:
         assert torch.equal(loaded(ids).logits, hybrid(ids).logits)
     with pytest.raises(ValueError, match="full weights"):
         save_model(hybrid, tmp_path / "adapter", base_folder=tmp_path)
+
+
+def test_metered_perplexity_counts_no_kv_in_linear_layers(teacher_and_hybrid) -> None:
+    _, hybrid = teacher_and_hybrid
+    totals = ComputeTotals(hybrid.config)
+    logits = metered_logits_fn(hybrid, None, totals)
+    ids = torch.randint(0, 101, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ids), hybrid(ids).logits)
+    summary = totals.summary()
+    assert summary["kv_reduction_total"] == pytest.approx(3 / 4)
+    assert summary["kv_reduction_gated"] == 1.0
