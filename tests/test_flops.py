@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from subjective.model_registry.config import ModelConfig, RoutingConfig
 from subjective.model_registry.convert import build_model
-from subjective.model_registry.flops import PhaseCounts, count_flops
+from subjective.model_registry.delta_rule import CHUNK_SIZE
+from subjective.model_registry.flops import PhaseCounts, count_flops, state_elements
+from subjective.model_registry.hybrid import hybridize
 from subjective.model_registry.surprise import SurpriseGate
 from subjective.model_registry.tiny import tiny_config
 
@@ -262,3 +264,41 @@ def test_consecutive_windows_add_up_to_the_whole_count(kind: str, prompt_logits:
         for phase in PHASES:
             for name, total in summed[phase].items():
                 assert torch.equal(total, getattr(getattr(whole, phase), name)), (phase, name)
+
+
+def test_hybrid_meter_equals_torch_flop_counter() -> None:
+    """Linear layers: decode is the recurrent form (counted exactly); prefill runs the chunked
+    form on rows padded to whole chunks, whose padding and unit-triangular solves (not seen by
+    torch's counter) make the only difference; no KV entries, a constant state instead."""
+    torch.manual_seed(13)
+    teacher = build_model(tiny_config("dense", layers=4)).eval()
+    model = hybridize(teacher, ["linear_attention", "full_attention"] * 2)
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(4))
+    prompt_lens = torch.tensor([9, 13, 6])
+    prompt_flops, completion_flops, routing, lengths, cache = run_request(
+        model, ids, prompt_lens, new_tokens=5
+    )
+    assert routing == {}
+    report = count_flops(config, routing, lengths, prompt_lens)
+    assert completion_flops == int(report.completion.flops.sum())
+
+    heads, hd, chunk = config.num_attention_heads, config.head_dim, CHUNK_SIZE
+    full_layers = config.num_hidden_layers - len(config.linear_layers)
+    masked = full_layers * sum(p * (p - 1) // 2 for p in prompt_lens.tolist())
+    padded_tokens = 3 * chunk  # every row padded to the 13-token batch width, then to a chunk
+    chunk_matmuls = (6 * hd * hd + 6 * chunk * hd) * heads  # per token the counter sees
+    solves = 2 * (chunk - 1) * hd * heads  # per real token, in the meter only
+    residual = 4 * heads * hd * masked
+    residual += len(config.linear_layers) * (
+        (padded_tokens - int(prompt_lens.sum())) * chunk_matmuls - int(prompt_lens.sum()) * solves
+    )
+    assert prompt_flops == int(report.prompt.flops.sum()) + residual
+
+    kv = report.prompt.kv_entries + report.completion.kv_entries
+    assert kv.tolist() == cache.kept_lengths().sum(0).tolist() == (lengths * full_layers).tolist()
+    states = [cache.layers[i].state for i in config.linear_layers]
+    assert sum(s[0].numel() for s in states) == state_elements(config) > 0
+    dense = count_flops(teacher.config, {}, lengths, prompt_lens)
+    assert torch.equal(report.prompt.dense_flops, dense.prompt.flops)
+    assert state_elements(teacher.config) == 0

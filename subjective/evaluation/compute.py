@@ -1,7 +1,7 @@
 """Perplexity together with what the model executed: the meter's counts over scored blocks.
 
-Any checkpoint the project serves (dense, SDT, STT) runs through the reference models with its
-inference routing (causal router + threshold), as decoding would route; `count_flops` (the
+Any checkpoint the project serves (dense, SDT, STT, hybrid) runs through the reference models
+with its inference routing (causal router + threshold), as decoding would route; `count_flops` (the
 meter) counts each block with every position's logits computed.
 """
 
@@ -45,9 +45,11 @@ class ComputeTotals:
         self.block_flops += [int(f) for f in report.prompt.flops]
 
     def summary(self) -> dict[str, float | int]:
-        """Executed vs dense: FLOPs, gated-layer attention FLOPs, KV entries (gated and all)."""
+        """Executed vs dense: FLOPs, gated-layer attention FLOPs, KV entries (in the layers that
+        change, gated or linear, and in all)."""
         c = self.counts
-        ungated = self.config.num_hidden_layers - len(self.config.routing.gated_layers)
+        changed = len(self.config.routing.gated_layers) + len(self.config.linear_layers)
+        ungated = self.config.num_hidden_layers - changed
         ungated_kv = ungated * self.positions
         return {
             "flops": c["flops"],
@@ -88,7 +90,7 @@ def load_metered(
     from subjective.model_registry.convert import load_model
 
     model = load_model(model_dir).eval()
-    if threshold is None and model.config.kind != "dense":
+    if threshold is None and model.config.routing.kind != "dense":
         threshold = model.config.routing.threshold_for(quality)
     totals = ComputeTotals(model.config)
     return metered_logits_fn(model, threshold, totals), totals

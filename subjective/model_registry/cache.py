@@ -8,6 +8,7 @@ is exactly that layer's KV entry count for sequence `b`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,21 @@ class LayerKV:
 
 
 @dataclass
+class LinearState:
+    """A linear-attention layer's recurrent state `[batch, heads, K, V]` (None before the first
+    call): the same size however long the sequences grow, and no KV entries."""
+
+    batch: int
+    state: Tensor | None = None
+
+    def lengths(self) -> list[int]:
+        return [0] * self.batch
+
+
+LayerCache = LayerKV | LinearState
+
+
+@dataclass
 class GateState:
     """Per-sequence state a gate needs across calls (causal moving average, previous token)."""
 
@@ -50,14 +66,23 @@ class GateState:
 class KVCache:
     """All layers' kept entries plus the gate state, for a batch of sequences."""
 
-    layers: list[LayerKV]
+    layers: list[LayerCache]
     seq_lens: Tensor  # [batch] tokens already processed per sequence
     gates: dict[int, GateState] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, num_layers: int, batch: int, device: torch.device | str = "cpu") -> KVCache:
+    def empty(
+        cls,
+        num_layers: int,
+        batch: int,
+        device: torch.device | str = "cpu",
+        linear_layers: Collection[int] = (),
+    ) -> KVCache:
         return cls(
-            layers=[LayerKV.empty(batch) for _ in range(num_layers)],
+            layers=[
+                LinearState(batch) if i in linear_layers else LayerKV.empty(batch)
+                for i in range(num_layers)
+            ],
             seq_lens=torch.zeros(batch, dtype=torch.long, device=device),
         )
 

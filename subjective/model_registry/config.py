@@ -7,12 +7,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Kind = Literal["dense", "sdt", "stt"]
+Kind = Literal["dense", "sdt", "stt", "hybrid"]
 ARCHITECTURES: dict[str, Kind] = {
     "LlamaForCausalLM": "dense",
     "SubjectiveDepthForCausalLM": "sdt",
     "SubjectiveTimescaleForCausalLM": "stt",
+    "SubjectiveHybridForCausalLM": "hybrid",
 }
+LayerType = Literal["full_attention", "linear_attention"]
+LAYER_TYPES: tuple[LayerType, ...] = ("full_attention", "linear_attention")
 
 
 @dataclass
@@ -70,10 +73,27 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 8192
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # Hybrids: each layer's attention (`config.json`'s `layer_types`); empty: all softmax.
+    layer_types: list[LayerType] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            return
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_hidden_layers}")
+        if any(t not in LAYER_TYPES for t in self.layer_types):
+            raise ValueError(f"layer_types must be among {LAYER_TYPES}: {self.layer_types}")
+        if self.linear_layers and self.routing.kind != "dense":
+            raise ValueError("a hybrid with gated (SDT/STT) routing is not implemented")
 
     @property
     def kind(self) -> Kind:
-        return self.routing.kind
+        return "hybrid" if self.linear_layers else self.routing.kind
+
+    @property
+    def linear_layers(self) -> list[int]:
+        """Layers running linear attention (Gated DeltaNet) instead of softmax attention."""
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -96,6 +116,7 @@ class ModelConfig:
             tie_word_embeddings=raw.get("tie_word_embeddings", True),
             max_position_embeddings=raw.get("max_position_embeddings", 8192),
             routing=routing,
+            layer_types=list(raw.get("layer_types") or []),
         )
 
     @classmethod

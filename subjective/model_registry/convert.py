@@ -4,6 +4,7 @@ A converted folder holds config.json (`architectures`, a `routing` section and `
 base checkpoint folder relative to this one), `routing_adapter.safetensors` (priors, routers,
 transition nets, gate scalars: the only new parameters) and the tokenizer files. A folder that
 also holds its own `model.safetensors` (a full fine-tune) uses those base weights instead.
+Hybrid folders (`hybrid.py`) always hold full weights and a `layer_types` list, no adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from subjective.model_registry.config import ARCHITECTURES, Kind, ModelConfig, RoutingConfig
+from subjective.model_registry.hybrid import HybridForCausalLM
 from subjective.model_registry.llama import (
     LlamaForCausalLM,
     is_base_parameter,
@@ -41,6 +43,7 @@ MODEL_CLASSES: dict[Kind, type[LlamaForCausalLM]] = {
     "dense": LlamaForCausalLM,
     "sdt": SubjectiveDepthForCausalLM,
     "stt": SubjectiveTimescaleForCausalLM,
+    "hybrid": HybridForCausalLM,
 }
 
 
@@ -124,9 +127,11 @@ def save_model(
     tokenizer_from: str | Path | None = None,
 ) -> Path:
     """Write config + adapter; base weights by reference to `base_folder`, or copied if None."""
+    config = model.config
+    if config.kind == "hybrid" and base_folder is not None:
+        raise ValueError("a hybrid is saved with its full weights (base_folder=None)")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    config = model.config
     raw = dict(template_config or {})
     raw.update(
         architectures=[model.architecture],
@@ -147,7 +152,10 @@ def save_model(
     else:
         raw["rope_theta"] = config.rope_theta
     raw.pop("base_model", None)
-    if config.kind != "dense":
+    raw.pop("layer_types", None)
+    if config.layer_types:
+        raw["layer_types"] = list(config.layer_types)
+    if config.routing.kind != "dense":
         raw["routing"] = config.routing_dict()
         save_file(adapter_state(model), dst / ADAPTER_FILE, metadata={"format": "pt"})
     if base_folder is not None:
@@ -179,8 +187,8 @@ def convert(
 ) -> Path:
     """Dense Llama folder `src` → SDT/STT folder `dst` referencing `src` as its base."""
     src = Path(src)
-    if kind == "dense":
-        raise ValueError("convert to 'sdt' or 'stt'")
+    if kind not in ("sdt", "stt"):
+        raise ValueError("convert to 'sdt' or 'stt' (hybrids: `hybrid.hybridize`)")
     raw = json.loads((src / "config.json").read_text())
     if ARCHITECTURES.get(raw.get("architectures", ["?"])[0]) != "dense":
         raise ValueError(f"{src} is not a dense Llama checkpoint")
@@ -213,12 +221,12 @@ def install_adapter(adapter: str | Path, base: str | Path, dst: str | Path) -> P
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Any checkpoint this project serves (dense, SDT, STT), base and adapter resolved."""
+    """Any checkpoint this project serves (dense, SDT, STT, hybrid), base and adapter resolved."""
     folder = Path(folder)
     config = ModelConfig.from_folder(folder)
     model = build_model(config)
     load_base_weights(model, read_safetensors_dir(base_folder_of(folder)))
-    if config.kind != "dense":
+    if config.routing.kind != "dense":
         adapter = load_file(folder / ADAPTER_FILE)
         expected = set(adapter_state(model))
         if set(adapter) != expected:

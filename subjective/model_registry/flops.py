@@ -13,6 +13,13 @@ Convention: a matmul `[m, k] @ [k, n]` costs `2·m·n·k`. Counted, per layer an
   skipped tokens: the layer's prior SwiGLU `3·2·d·p` (the skip path);
 - STT temporal layer, every token: router `2·2d`; skipped tokens: the transition SwiGLU
   `3·2·d·t` (the skip path's prior);
+- hybrid linear-attention (Gated DeltaNet) layer, every token: projections q, k, v, g
+  `4·2·d·H·hd`, o `2·H·hd·d`, decay and β `2·2·d·H`; MLP as above; the delta rule per head
+  with a `hd × hd` state: a completion token (decode, recurrent form) `6·hd²` (state readout
+  of k, write, readout of q); a prompt token (prefill, chunked form with C = 64, amortised
+  over whole chunks) `6·hd² + 6·C·hd` (the chunk's state terms and its intra-chunk K Kᵀ, Q Kᵀ
+  and weights·U products) `+ 2·(C-1)·hd` (the two unit-triangular solves, which torch's
+  counter does not see). No KV entries: a constant state per sequence (`state_elements`);
 - LM head `2·d·V` per token whose logits are computed (prompt: the last prompt token, or all
   with `prompt_logits="all"`; completion: every token fed back); embeddings: 0 (a lookup).
 
@@ -20,7 +27,8 @@ Ignored everywhere (elementwise or O(d) work): RMSNorms, rotary, activations, re
 the g scaling, softmax, attention scaling/masking, sigmoid/threshold comparisons, the moving
 average and biases. This matches what `torch.utils.flop_counter` counts on the reference models,
 except that the reference attention computes the full `n × L` score rectangle of a prompt chunk
-and masks the causal part: those masked pairs are not attended and are not counted here.
+and masks the causal part: those masked pairs are not attended and are not counted here; and
+that the reference linear layers pad each prefill row to whole chunks (padding not counted).
 
 `dense_flops` is what the dense model of the same shape executes for the same tokens: every
 layer on the full path with causal attention over all earlier tokens, no prior/router/surprise,
@@ -39,6 +47,7 @@ import torch
 from torch import Tensor
 
 from subjective.model_registry.config import ModelConfig
+from subjective.model_registry.delta_rule import CHUNK_SIZE
 
 
 @dataclass
@@ -116,6 +125,9 @@ def count_flops(
 
     projections = 2 * d * (heads + 2 * kv_heads) * hd + 2 * heads * hd * d
     mlp = 3 * 2 * d * config.intermediate_size
+    linear_projections = 4 * 2 * d * heads * hd + 2 * heads * hd * d + 2 * 2 * d * heads
+    recurrent = 6 * hd * hd * heads
+    chunked = (6 * hd * hd + 6 * CHUNK_SIZE * hd + 2 * (CHUNK_SIZE - 1) * hd) * heads
     attention_per_entry = 2 * 2 * heads * hd
     surprise = 2 * 2 * d
 
@@ -135,7 +147,12 @@ def count_flops(
     kv_executed = zero.clone()
     gated_attention = zero.clone()
     gated_attention_dense = zero.clone()
+    linear_layer = valid.long() * (linear_projections + mlp)
+    linear_layer += in_prompt.long() * chunked + in_completion.long() * recurrent
     for layer in range(config.num_hidden_layers):
+        if layer in config.linear_layers:
+            executed += linear_layer
+            continue
         if layer in spec.gated_layers:
             if layer not in routing:
                 raise KeyError(f"no routing decisions for gated layer {layer}")
@@ -184,3 +201,10 @@ def count_flops(
         )
 
     return FlopReport(prompt=phase(in_prompt), completion=phase(in_completion))
+
+
+def state_elements(config: ModelConfig) -> int:
+    """Recurrent-state elements one sequence holds (hybrids' linear layers), however long it is:
+    `H · hd · hd` per linear layer, where a softmax layer holds `2 · H_kv · hd` per KV entry."""
+    hd = config.head_dim
+    return len(config.linear_layers) * config.num_attention_heads * hd * hd

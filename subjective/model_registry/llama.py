@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from subjective.model_registry.cache import KVCache, LayerKV
+from subjective.model_registry.cache import KVCache, LayerCache, LayerKV
 from subjective.model_registry.config import ModelConfig
 
 LogitsMode = Literal["all", "last", "none"]
@@ -148,7 +148,7 @@ class ForwardContext:
     aux: dict[str, list[Tensor]] = field(default_factory=dict)
     pending_gate: Tensor | None = None  # SDT: the Decision layer's g `[B, T]` for the next layer
 
-    def kv(self, layer: int) -> LayerKV | None:
+    def kv(self, layer: int) -> LayerCache | None:
         return None if self.cache is None else self.cache.layers[layer]
 
     def add_aux(self, name: str, value: Tensor) -> None:
@@ -160,26 +160,29 @@ def counts_of(mask: Tensor) -> list[int]:
 
 
 class LlamaDecoderLayer(nn.Module):
-    """A pre-norm Llama block; `forward` runs it densely on every valid token."""
+    """A pre-norm Llama block; `forward` runs it densely on every valid token.
 
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    `attention` replaces the softmax attention (hybrids: a linear attention with the same
+    `forward(x, positions, counts, cache)` on packed tokens)."""
+
+    def __init__(self, config: ModelConfig, index: int, attention: nn.Module | None = None) -> None:
         super().__init__()
         self.index = index
         self.hidden_size = config.hidden_size
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config) if attention is None else attention
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def block(
-        self, x: Tensor, positions: Tensor, counts: list[int], kv: LayerKV | None
+        self, x: Tensor, positions: Tensor, counts: list[int], kv: LayerCache | None
     ) -> tuple[Tensor, Tensor]:
         """The block's attention and MLP updates for packed tokens: `Block(x) = attn + mlp`."""
         attn = self.self_attn(self.input_layernorm(x), positions, counts, kv)
         mlp = self.mlp(self.post_attention_layernorm(x + attn))
         return attn, mlp
 
-    def run_dense(self, h: Tensor, ctx: ForwardContext, kv: LayerKV | None) -> Tensor:
+    def run_dense(self, h: Tensor, ctx: ForwardContext, kv: LayerCache | None) -> Tensor:
         """`H + Block(H)` for every valid token, added in HF's order; returns packed `[N, d]`."""
         x = h[ctx.valid]
         attn, mlp = self.block(x, ctx.positions[ctx.valid], counts_of(ctx.valid), kv)
