@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from subjective.machine import machine_info  # noqa: E402
 from subjective.model_registry.compute_slots import (  # noqa: E402
     ENV_VAR,
     EXTRA_ARG_SLOT,
@@ -419,22 +419,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if row["tokens_per_s"] is not None and row["dtype"] in dense:
             row["ratio_to_dense"] = round(row["tokens_per_s"] / dense[row["dtype"]], 4)
             row["ratio_to_ideal"] = round(row["ratio_to_dense"] / row["ideal_speedup"], 4)
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-    import vllm
-
-    cuda = torch.cuda.is_available()
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

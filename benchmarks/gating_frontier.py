@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import torch
 
 from subjective.evaluation.compute import ComputeTotals, metered_logits_fn
 from subjective.evaluation.perplexity import perplexity
+from subjective.machine import machine_info
 from subjective.model_registry.convert import ADAPTER_FILE, convert, load_model, save_model
 from subjective.model_registry.layer_states import collect_layer_states, text_blocks
 from subjective.model_registry.llama import LlamaForCausalLM
@@ -301,7 +300,7 @@ def main() -> None:
         "stage_b_steps": args.stage_b_steps,
         "quality_levels": chosen_levels,
         "threshold_monotonicity": monotone,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -117,18 +116,6 @@ def run_child(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -162,7 +149,9 @@ def main() -> None:
     dense = runs["dense"]["output_tokens_per_s"]
     for run in runs.values():
         run["vs_dense"] = round(run["output_tokens_per_s"] / dense, 3)
-    report = {"command": " ".join(sys.argv), **shape, "runs": runs, "machine": machine()}
+    from subjective.machine import machine_info
+
+    report = {"command": " ".join(sys.argv), **shape, "runs": runs, "machine": machine_info()}
     report["machine"]["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS", "1")
     if args.output:
         args.output.write_text(json.dumps(report, indent=2) + "\n")
