@@ -11,6 +11,8 @@ by a straight-through factor `g / stopgrad(g)`). The others take the layer's own
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,6 +83,35 @@ def predicted_update(prior: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     return prior(norm(x))
 
 
+def gated_step(
+    layer: LlamaDecoderLayer,
+    h: Tensor,
+    ctx: ForwardContext,
+    gate: Tensor | None,
+    logits: Tensor,
+    skip_update: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The step SDT's Dynamic and STT's temporal layers share: choose the full-path tokens (the
+    router learns the Top-K choice in training), run the block on them (their K/V kept), give
+    the others `x + skip_update(skipped mask)`. Returns the output, the kept mask and the kept
+    tokens' update `Block(x)`."""
+    valid = ctx.valid
+    selected = select_tokens(layer.index, ctx, gate, logits, layer.capacity, layer.sink_tokens)
+    if ctx.topk and torch.is_grad_enabled():
+        target = selected[valid].to(logits.dtype)
+        ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
+    x = h[selected]
+    attn, mlp = layer.block(x, ctx.positions[selected], counts_of(selected), ctx.kv(layer.index))
+    out = h.clone()
+    out[selected] = kept_update(x, attn, mlp, gate[selected] if ctx.topk else None)
+    skipped = valid & ~selected
+    out[skipped] = h[skipped] + skip_update(skipped)
+    ctx.routing[layer.index] = selected
+    if gate is not None:
+        ctx.gates[layer.index] = gate
+    return out, selected, attn + mlp
+
+
 def scatter(values: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
     """Packed per-token values back to `[B, T]`, `fill` where `mask` is False."""
     out = values.new_full(mask.shape, fill)
@@ -146,24 +177,15 @@ class DynamicLayer(LlamaDecoderLayer):
         else:
             state = self.router_norm(h[valid].detach())
             logits = scatter(self.router(state).squeeze(-1), valid, float("-inf"))
-        selected = select_tokens(self.index, ctx, gate, logits, self.capacity, self.sink_tokens)
+        out, selected, update = gated_step(
+            self, h, ctx, gate, logits, lambda skipped: self.predict(h[skipped])
+        )
         if ctx.topk and torch.is_grad_enabled():
-            target = selected[valid].to(logits.dtype)
-            ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
-        x = h[selected]
-        attn, mlp = self.block(x, ctx.positions[selected], counts_of(selected), ctx.kv(self.index))
-        out = h.clone()
-        out[selected] = kept_update(x, attn, mlp, gate[selected] if ctx.topk else None)
-        skipped = valid & ~selected
-        xs = h[skipped]
-        out[skipped] = xs + predicted_update(self.prior, self.prior_norm, xs)
-        if ctx.topk and torch.is_grad_enabled():
-            guess = predicted_update(self.prior, self.prior_norm, x)
-            ctx.add_aux("prior_mse", F.mse_loss(guess, (attn + mlp).detach()))
-        ctx.routing[self.index] = selected
-        if gate is not None:
-            ctx.gates[self.index] = gate
+            ctx.add_aux("prior_mse", F.mse_loss(self.predict(h[selected]), update.detach()))
         return out
+
+    def predict(self, x: Tensor) -> Tensor:
+        return predicted_update(self.prior, self.prior_norm, x)
 
 
 class SubjectiveDepthForCausalLM(LlamaForCausalLM):

@@ -26,11 +26,10 @@ from subjective.model_registry.llama import (
     counts_of,
 )
 from subjective.model_registry.sdt import (
+    gated_step,
     init_fresh,
-    kept_update,
     predicted_update,
     scatter,
-    select_tokens,
 )
 from subjective.model_registry.surprise import (
     SurpriseGate,
@@ -104,22 +103,15 @@ class TemporalLayer(LlamaDecoderLayer):
             if torch.is_grad_enabled():
                 ctx.add_aux("transition_mse", F.mse_loss(predicted, delta.detach()))
                 ctx.add_aux("gate_mean", g.mean())
-        selected = select_tokens(self.index, ctx, gate, logits, self.capacity, self.sink_tokens)
-        if ctx.topk and torch.is_grad_enabled():
-            target = selected[valid].to(logits.dtype)
-            ctx.add_aux("router_bce", F.binary_cross_entropy_with_logits(logits[valid], target))
-        xs = h[selected]
-        attn, mlp = self.block(xs, ctx.positions[selected], counts_of(selected), ctx.kv(self.index))
-        out = h.clone()
-        out[selected] = kept_update(xs, attn, mlp, None if gate is None else gate[selected])
-        skipped = valid & ~selected
-        out[skipped] = h[skipped] + predicted_update(
-            self.transition, self.transition_norm, prev[skipped]
+        out, _, _ = gated_step(
+            self,
+            h,
+            ctx,
+            gate,
+            logits,
+            lambda skipped: predicted_update(self.transition, self.transition_norm, prev[skipped]),
         )
         self.remember_last_inputs(h, ctx)
-        ctx.routing[self.index] = selected
-        if gate is not None:
-            ctx.gates[self.index] = gate
         return out
 
 
