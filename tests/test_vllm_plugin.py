@@ -47,16 +47,17 @@ REQUESTS = (
 ALL_KEPT = (1, {"threshold": 0.0})
 # No router probability passes threshold 1: only the sink positions run the gated layers.
 SINKS_ONLY = (1, {"threshold": 1.0})
-# bfloat16 runs: a request that skips every gated layer (threshold 1) outlives the others, so
-# its last steps run no token through any gated layer.
+# bfloat16 runs: a request that skips every gated layer past the sink positions (threshold 1)
+# outlives the others, so its last steps run no token through any gated layer.
 SKIP_ALL = {"extra_args": {"threshold": 1.0}, "max_tokens": 2 * MAX_TOKENS}
 # vLLM's bf16 kernels and the bf16 reference round differently, so a decision whose router
-# probability sits near the threshold may flip, and greedy picks may differ between near-tied
-# logits (top logits are 16-32 here). Bounds with margin over what this machine measured:
-# decisions agree on >= 91% of token-layers; a token vLLM picked is at most 1.63 logits below
-# the reference's top logit. That is bf16 noise: with the same decisions the bf16 reference's
-# own pick is up to 1.37 below the fp32 reference's top, and batching the bf16 reference alone
-# moved the 1.63 from 1.19. A wrong attention or KV page gives gaps of many logits.
+# probability sits near the threshold may flip: decisions agree on >= 91% of token-layers here.
+# The picks are held to the fp32 reference given vLLM's decisions: the bf16 reference itself is
+# too noisy to judge them (its own pick fell 4.6 logits below the fp32 top on one STT request,
+# where vLLM's bf16 pick was the fp32 top). Measured here: vLLM's bf16 picks were at most 1.53
+# logits below the fp32 top, on the threshold-1 request (its gated layers run only the priors;
+# top logits 10-17 there, 16-32 elsewhere); a wrong attention or KV page gives gaps of many
+# logits.
 BF16_ROUTING_AGREEMENT = 0.85
 BF16_LOGIT_TOLERANCE = 2.0
 LONG_PROMPT_TOKENS = 150  # past one compacted page (64 entries of a 128-token block)
@@ -441,10 +442,10 @@ def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.vllm
 @pytest.mark.parametrize("kind", ["sdt", "stt"])
 def test_bfloat16_generation_stays_within_tolerance_of_reference(kind, folders, prompts, bf16_runs):
-    """bf16 through vLLM against the bf16 reference, both fed the same tokens (prompt and vLLM's
-    output): the reference deciding at each request's threshold agrees with the worker's
-    decisions on most token-layers, and with the worker's decisions forced, every token vLLM
-    picked is the reference's top logit or within bf16 tolerance of it."""
+    """bf16 through vLLM against the reference, fed the same tokens (prompt and vLLM's output):
+    the bf16 reference deciding at each request's threshold agrees with the worker's decisions
+    on most token-layers, and with the worker's decisions forced, every token vLLM picked is the
+    fp32 reference's top logit or within bf16 tolerance of it."""
     model = load_model(folders[kind], dtype=torch.bfloat16)
     gated = model.config.routing.gated_layers
     requests, results = bf16_requests(prompts), bf16_runs[kind]
@@ -457,7 +458,7 @@ def test_bfloat16_generation_stays_within_tolerance_of_reference(kind, folders, 
     thresholds = torch.tensor([threshold_of(model.config, r["extra_args"]) for r in requests])
     with torch.no_grad():  # one batched forward each: bf16 matmuls are slow on this CPU
         own = model(ids, valid=valid, threshold=thresholds, topk=False)
-        forced = model(ids, valid=valid, routing=taken, topk=False)
+        forced = load_model(folders[kind])(ids, valid=valid, routing=taken, topk=False)
     agree = sum(((own.routing[layer] == taken[layer]) & valid).sum(1) for layer in gated)
     for b, (request, got) in enumerate(zip(requests, results, strict=True)):
         assert len(got["tokens"]) == request.get("max_tokens", MAX_TOKENS)
@@ -468,4 +469,6 @@ def test_bfloat16_generation_stays_within_tolerance_of_reference(kind, folders, 
         assert float((logits.max(-1).values - picked).max()) <= BF16_LOGIT_TOLERANCE
     skip_all = results[-1]["routing"]
     assert sorted(map(int, skip_all)) == gated
-    assert not any(any(decisions) for decisions in skip_all.values())
+    sinks = model.config.routing.sink_tokens
+    for decisions in skip_all.values():
+        assert decisions == [1] * sinks + [0] * (len(decisions) - sinks)
