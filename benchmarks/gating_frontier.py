@@ -38,11 +38,11 @@ import torch
 from subjective.evaluation.compute import ComputeTotals, metered_logits_fn
 from subjective.evaluation.perplexity import perplexity
 from subjective.machine import machine_info
-from subjective.model_registry.convert import ADAPTER_FILE, convert, load_model, save_model
+from subjective.model_registry.convert import ADAPTER_FILE, convert, load_model
 from subjective.model_registry.layer_states import collect_layer_states, text_blocks
 from subjective.model_registry.llama import LlamaForCausalLM
 from subjective.model_registry.sensitivity import choose_layers
-from subjective.model_registry.skip_fit import fit_gated_layers
+from subjective.model_registry.skip_fit import fit_folder
 
 TARGETS = {"conservative": 1.02, "aggressive": 1.05}
 VALIDATION_SEED = 1
@@ -98,11 +98,7 @@ def build(variant: Variant, args: argparse.Namespace, states) -> Path:
         gated_layers=variant.gated,
         prior_width=args.prior_width,
     )
-    model = load_model(folder)
-    fits = fit_gated_layers(model, states, steps=args.steps, progress=False)
-    raw = json.loads((folder / "config.json").read_text())
-    save_model(model, folder, base_folder=args.dense, template_config=raw)
-    (folder / "stage_a.json").write_text(json.dumps(fits, indent=2) + "\n")
+    fit_folder(folder, states, steps=args.steps, progress=False)
     if args.stage_b_steps:
         from subjective.cli import main as subjective
 

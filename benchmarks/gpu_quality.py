@@ -23,10 +23,10 @@ import torch
 from subjective.evaluation.compute import ComputeTotals, metered_logits_fn
 from subjective.evaluation.perplexity import perplexity
 from subjective.model_registry import train
-from subjective.model_registry.convert import ADAPTER_FILE, install_adapter, load_model, save_model
+from subjective.model_registry.convert import ADAPTER_FILE, install_adapter, load_model
 from subjective.model_registry.layer_states import LayerStates, collect_layer_states, text_blocks
 from subjective.model_registry.llama import LlamaForCausalLM
-from subjective.model_registry.skip_fit import fit_gated_layers
+from subjective.model_registry.skip_fit import fit_folder
 
 VALIDATION_SEED = 1  # as benchmarks/gating_frontier.py
 
@@ -76,11 +76,7 @@ def frontier_rows(folder: Path, blocks: torch.Tensor, device: torch.device, stag
 
 
 def stage_a(folder: Path, run: QualityRun, states: LayerStates) -> list[dict]:
-    model = load_model(folder).to(run.device)
-    fits = fit_gated_layers(model, states, steps=run.stage_a_steps, progress=False)
-    raw = json.loads((folder / "config.json").read_text())
-    save_model(model.cpu(), folder, base_folder=run.dense, template_config=raw)
-    return fits
+    return fit_folder(folder, states, steps=run.stage_a_steps, progress=False, device=run.device)
 
 
 def stage_b_argv(folder: Path, run: QualityRun, output: Path) -> list[str]:

@@ -11,7 +11,8 @@ from subjective.model_registry.convert import build_model
 from subjective.model_registry.layer_states import collect_layer_states
 from subjective.model_registry.llama import LlamaForCausalLM
 from subjective.model_registry.sensitivity import choose_layers, rank_layers
-from subjective.model_registry.skip_fit import fit_gated_layers, predict, previous_tokens
+from subjective.model_registry.skip_fit import fit_gated_layers, predict
+from subjective.model_registry.stt import previous_tokens
 from subjective.model_registry.tiny import tiny_config
 
 VOCAB = 101

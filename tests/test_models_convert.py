@@ -325,3 +325,23 @@ def test_eval_ppl_on_a_text_file_reports_compute(dense_folder: Path, tmp_path: P
     assert skipped["flops"] < kept["flops"] and kept["dense_flops"] == skipped["dense_flops"]
     with pytest.raises(SystemExit, match="no such file"):
         main(["eval", "ppl", str(tmp_path / "stt"), "--text", str(tmp_path / "missing.txt")])
+
+
+def test_fit_skip_cli_rewrites_the_adapter_in_place(dense_folder: Path, tmp_path: Path) -> None:
+    """Stage A from the command line: new priors and routers, the base still referenced, the
+    fits recorded; a dense folder is refused."""
+    folder = convert(dense_folder, tmp_path / "sdt", "sdt")
+    before = load_file(folder / ADAPTER_FILE)
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    argv = ["model", "fit-skip", str(folder), "--data", str(text), "--blocks", "4"]
+    assert run_cli([*argv, "--block-size", "32", "--steps", "5"]) == 0
+    after = load_file(folder / ADAPTER_FILE)
+    assert set(after) == set(before)
+    changed = [n for n in after if "prior." in n and not torch.equal(after[n], before[n])]
+    assert changed
+    assert not (folder / "model.safetensors").exists()
+    fits = json.loads((folder / "stage_a.json").read_text())
+    assert [f["layer"] for f in fits] == load_model(folder).config.routing.gated_layers
+    with pytest.raises(SystemExit, match="is dense"):
+        run_cli(["model", "fit-skip", str(dense_folder), "--data", str(text)])

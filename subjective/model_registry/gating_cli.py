@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from subjective.model_registry.config import ModelConfig
 from subjective.paths import DATA_DIR
 
 RANKING_FILE = "layer_ranking.json"
@@ -90,21 +91,17 @@ def rank_layers_command(args: argparse.Namespace) -> int:
 def fit_skip_command(args: argparse.Namespace) -> int:
     import torch
 
-    from subjective.model_registry.convert import base_folder_of, load_model, save_model
-    from subjective.model_registry.skip_fit import fit_gated_layers
+    from subjective.model_registry.convert import base_folder_of, load_model
+    from subjective.model_registry.skip_fit import fit_folder
 
     torch.manual_seed(args.seed)
-    model = load_model(args.model)
-    if model.config.kind == "dense":
+    if ModelConfig.from_folder(args.model).kind == "dense":
         raise SystemExit(f"{args.model} is dense: convert it first")
     # Every token kept, the gated model is exactly the dense one: its layer states are the base's.
     base = load_model(base_folder_of(args.model))
     states = calibration_states(base, args.model, args, args.seed)
     del base
-    fits = fit_gated_layers(model, states, steps=args.steps)
-    raw = json.loads((args.model / "config.json").read_text())
-    save_model(model, args.model, base_folder=base_folder_of(args.model), template_config=raw)
-    (args.model / "stage_a.json").write_text(json.dumps(fits, indent=2) + "\n")
+    fits = fit_folder(args.model, states, steps=args.steps)
     for fit in fits:
         print(
             f"layer {fit['layer']:2d}: prior misses {fit['prior_relative_mse']:.1%} of the update,"

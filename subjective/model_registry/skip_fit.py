@@ -14,9 +14,11 @@ Per gated layer:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from subjective.model_registry.layer_states import LayerStates
 from subjective.model_registry.llama import LlamaForCausalLM
 from subjective.model_registry.sdt import DynamicLayer
-from subjective.model_registry.stt import TemporalLayer
+from subjective.model_registry.stt import TemporalLayer, previous_tokens
 
 
 @dataclass
@@ -35,13 +37,6 @@ class LayerFit:
     prior_relative_mse: float  # ||Block(x) - prior||² / ||Block(x)||² over non-sink tokens
     router_recall: float  # share of the marked tokens the calibrated router keeps
     kept_share: float  # share of non-sink tokens the calibrated router keeps
-
-
-def previous_tokens(x: Tensor) -> Tensor:
-    """`x_{t-1}` of `[B, T, d]` (zero at t = 0), as the temporal layers read it."""
-    prev = torch.zeros_like(x)
-    prev[:, 1:] = x[:, :-1]
-    return prev
 
 
 def prior_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -190,4 +185,25 @@ def fit_gated_layers(
             steps=steps,
         )
         fits.append(asdict(fit))
+    return fits
+
+
+def fit_folder(
+    folder: Path,
+    states: LayerStates,
+    steps: int = 300,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> list[dict]:
+    """Stage A on a converted SDT/STT folder (fitted on `device`): fit, rewrite its adapter in
+    place (the base stays referenced), and record the fits in `stage_a.json` beside it."""
+    from subjective.model_registry.convert import base_folder_of, load_model, save_model
+
+    model = load_model(folder).to(device)
+    if model.config.kind == "dense":
+        raise ValueError(f"{folder} is dense: convert it first")
+    fits = fit_gated_layers(model, states, steps=steps, progress=progress)
+    raw = json.loads((folder / "config.json").read_text())
+    save_model(model.cpu(), folder, base_folder=base_folder_of(folder), template_config=raw)
+    (folder / "stage_a.json").write_text(json.dumps(fits, indent=2) + "\n")
     return fits

@@ -38,6 +38,13 @@ from subjective.model_registry.surprise import (
 )
 
 
+def previous_tokens(x: Tensor) -> Tensor:
+    """`x_{t-1}` of `[B, T, d]` (zero at t = 0), within each row."""
+    prev = torch.zeros_like(x)
+    prev[:, 1:] = x[:, :-1]
+    return prev
+
+
 class TemporalLayer(LlamaDecoderLayer):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__(config, index)
@@ -59,8 +66,7 @@ class TemporalLayer(LlamaDecoderLayer):
 
     def previous_inputs(self, h: Tensor, ctx: ForwardContext) -> Tensor:
         """`x_{t-1}` for every token: shifted inputs, the cached last input at a chunk start."""
-        prev = torch.zeros_like(h)
-        prev[:, 1:] = h[:, :-1]
+        prev = previous_tokens(h)
         if ctx.cache is not None:
             state = ctx.cache.gate_state(self.index)
             for b, last in enumerate(state.prev_input):
