@@ -1,4 +1,4 @@
-"""End-to-end serving throughput: dense vs SDT and STT through vLLM, one run, same prompts.
+"""End-to-end serving throughput: dense vs SDT, STT and hybrid through vLLM, one run, same prompts.
 
 Workload (default): 16 prompts of 256 tokens each (consecutive windows of `data/validation.txt`,
 so the gates see real text), 128 new tokens each, greedy, `ignore_eos`, all submitted at once to
@@ -15,6 +15,11 @@ timed ones; a gated engine then runs one timed batch per setting:
 - `all-skipped`: threshold 1; only the first `sink_tokens` positions of each sequence run;
 - `conservative`, `aggressive`: the checkpoint's quality levels.
 
+The hybrid (a quarter of the layers softmax, the rest Gated DeltaNet) runs one batch, setting
+`hybrid`; it needs bfloat16 and eager mode on a CPU (vLLM's CPU GDN kernels), so its other rows
+say `skipped`. Without `--models hybrid=DIR` it is hybridized from dense without training
+(speed does not depend on the weights).
+
 Reading a row: `tokens_per_s` = output tokens of the batch / its wall time (prefill included);
 `ttft_*` = first streamed token − submission, `tpot_*` = (last − first token) / (tokens − 1),
 p50 and p95 over the batch's requests; `skipped_fraction` = skipped / decided gated
@@ -27,6 +32,7 @@ Gated models run eager only while `engine_kwargs` forces it: their compiled rows
 
     python benchmarks/e2e.py            # writes benchmarks/results/e2e_cpu.json (.png beside)
     python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
+    python benchmarks/e2e.py --variants dense hybrid --models hybrid=DIR --prompt-tokens 2048
     python benchmarks/e2e.py --smoke --out /tmp/e2e.json   # tiny sizes, for the test
 """
 
@@ -77,7 +83,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "conservative": {EXTRA_ARG_QUALITY: "conservative"},
     "aggressive": {EXTRA_ARG_QUALITY: "aggressive"},
 }
-VARIANTS = ("dense", "sdt", "stt")
+VARIANTS = ("dense", "sdt", "stt", "hybrid")
+HYBRID_SOFTMAX_RATIO = 0.25  # of a hybrid made here (no `--models hybrid=DIR`)
 MEASURES = (
     "tokens_per_s",
     "ttft_p50_ms",
@@ -112,7 +119,7 @@ class Engine:
     dtype: str
     mode: str
     folder: Path
-    settings: tuple[str, ...]  # ("dense",) for the dense model
+    settings: tuple[str, ...]  # ("dense",) for the dense model, ("hybrid",) for a hybrid
 
     def row(self, setting: str, **fields: Any) -> dict[str, Any]:
         head = {"variant": self.variant, "dtype": self.dtype, "mode": self.mode}
@@ -279,19 +286,29 @@ def make_prompts(tokenizer_dir: Path, data: Path, count: int, length: int) -> li
 
 def model_folders(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
     """The folder of each variant: given in `--models`, else converted from dense into `tmp`."""
-    from subjective.model_registry.convert import convert
+    from subjective.model_registry.convert import convert, convert_hybrid, interleaved_layer_types
 
     folders = {"dense": args.dense, **args.models}
     for variant in args.variants:
-        if variant not in folders:
+        if variant == "hybrid" and variant not in folders:
+            layers = ModelConfig.from_folder(folders["dense"]).num_hidden_layers
+            types = interleaved_layer_types(layers, HYBRID_SOFTMAX_RATIO)
+            folders[variant] = convert_hybrid(folders["dense"], tmp / variant, types)
+        elif variant not in folders:
             folders[variant] = convert(folders["dense"], tmp / variant, variant)
     return {variant: Path(folders[variant]) for variant in args.variants}
 
 
 def model_sources(args: argparse.Namespace) -> dict[str, str]:
     given = {"dense": args.dense, **args.models}
-    converted = f"converted from {shown(args.dense)} (fresh routing adapter)"
-    return {v: shown(given[v]) if v in given else converted for v in args.variants}
+    converted = {
+        v: f"converted from {shown(args.dense)} (fresh routing adapter)" for v in ("sdt", "stt")
+    }
+    converted["hybrid"] = (
+        f"hybridized from {shown(args.dense)} without training, "
+        f"softmax ratio {HYBRID_SOFTMAX_RATIO} (uniform interleave)"
+    )
+    return {v: shown(given[v]) if v in given else converted[v] for v in args.variants}
 
 
 def shown(path: Path) -> str:
@@ -307,7 +324,7 @@ def plan(args: argparse.Namespace, folders: dict[str, Path]) -> list[Engine]:
             dtype,
             mode,
             folders[variant],
-            ("dense",) if variant == "dense" else tuple(args.settings),
+            (variant,) if variant in ("dense", "hybrid") else tuple(args.settings),
         )
         for dtype in args.dtypes
         for mode in args.modes
@@ -316,9 +333,13 @@ def plan(args: argparse.Namespace, folders: dict[str, Path]) -> list[Engine]:
 
 
 def not_runnable(engine: Engine) -> str | None:
-    """Why this configuration cannot run (compiled, where the plugin forces eager), or None."""
-    if engine.mode == "compiled" and engine_kwargs(engine.folder).get("enforce_eager"):
-        return "engine_kwargs forces enforce_eager for gated models (data-dependent shapes)"
+    """Why this configuration cannot run (compiled, or a dtype, where the plugin forces another),
+    or None."""
+    forced = engine_kwargs(engine.folder)
+    if engine.mode == "compiled" and forced.get("enforce_eager"):
+        return f"engine_kwargs forces enforce_eager for {engine.variant} models"
+    if forced.get("dtype", engine.dtype) != engine.dtype:
+        return f"engine_kwargs forces {forced['dtype']} for {engine.variant} models on this device"
     return None
 
 
@@ -458,7 +479,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def colour(row: dict[str, Any]) -> str:
-    return {"dense": "C7", "sdt": "C0", "stt": "C1"}[row["variant"]]
+    return {"dense": "C7", "sdt": "C0", "stt": "C1", "hybrid": "C2"}[row["variant"]]
 
 
 def workload_text(result: dict[str, Any]) -> str:
@@ -485,7 +506,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=None)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--models", nargs="+", default=[], help="sdt=PATH stt=PATH (dense=PATH)")
+    parser.add_argument(
+        "--models", nargs="+", default=[], help="sdt=PATH stt=PATH hybrid=PATH (dense=PATH)"
+    )
     parser.add_argument("--dense", type=Path, default=DENSE, help="dense model (and tokenizer)")
     parser.add_argument("--data", type=Path, default=DATA, help="text the prompts come from")
     parser.add_argument("--kv-capacity", type=float, help="gated KV pages' γ (default: model's)")

@@ -9,7 +9,17 @@ and STT checkpoints are converted from the dense one (capacity 0.5, every odd la
 gated layers declare compacted pages (`vllm_plugin/kv_spec.py`), which is where the gain comes
 from. Threshold 0 makes every token want the full path, the worst case for the cap.
 
-    python benchmarks/kv_capacity.py   # writes benchmarks/results/kv_capacity.json
+`--hybrid` measures the hybrid instead, against dense in the same run: SmolLM2 hybridized (no
+training; capacity does not depend on the weights) with `--softmax-ratio` of its layers softmax,
+`HYBRID_SEQ_LEN` tokens per sequence, bfloat16 (vLLM's CPU GDN kernels need it). Its linear
+layers hold a constant state per sequence in vLLM's hybrid cache instead of KV entries. Beside
+the peak it ran, each engine reports vLLM's own admission limit for full-length sequences
+(`vllm_max_concurrency`: blocks in the budget / blocks one sequence needs, all groups); the
+hybrid's keys (`hybrid_max_seqs`, `hybrid_softmax_ratio`, `hybrid_run`) are merged into the
+result file, the other keys kept.
+
+    python benchmarks/kv_capacity.py            # writes benchmarks/results/kv_capacity.json
+    python benchmarks/kv_capacity.py --hybrid   # adds the hybrid's keys to it
 """
 
 from __future__ import annotations
@@ -29,21 +39,26 @@ DENSE = REPO / "models" / "SmolLM2-135M-Instruct"
 BUDGET = 256 * 2**20
 SEQ_LEN = 256  # two 128-token blocks per sequence
 REQUESTS = 64
+HYBRID_SEQ_LEN = 2048
+HYBRID_REQUESTS = 24  # more than the hybrid fits in `BUDGET` at 2k tokens
 
 
-def measure(folder: str, budget: int) -> dict:
+def measure(folder: str, budget: int, seq_len: int, requests: int, dtype: str) -> dict:
     """Run in a child process: build the engine, flood it, report blocks and peak concurrency."""
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the byte budget
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
     from subjective.model_registry.vllm_plugin import engine_kwargs
 
     llm = LLM(
         model=folder,
-        dtype="float32",
-        max_model_len=SEQ_LEN,
-        max_num_seqs=REQUESTS,
+        dtype=dtype,
+        max_model_len=seq_len,
+        max_num_seqs=requests,
+        # Whole prompts in one step: a request admitted holds all its blocks at once.
+        max_num_batched_tokens=requests * seq_len,
         kv_cache_memory_bytes=budget,
         distributed_executor_backend="uni",
         **{"enforce_eager": True, **engine_kwargs(folder)},
@@ -61,24 +76,43 @@ def measure(folder: str, budget: int) -> dict:
     scheduler.schedule = counted
     # Distinct prompts: no request shares a prefix block with another.
     prompts = [
-        {"prompt_token_ids": [1 + (r * 7919 + i) % 40000 for i in range(SEQ_LEN - 2)]}
-        for r in range(REQUESTS)
+        {"prompt_token_ids": [1 + (r * 7919 + i) % 40000 for i in range(seq_len - 2)]}
+        for r in range(requests)
     ]
     params = SamplingParams(
         max_tokens=2, temperature=0.0, ignore_eos=True, extra_args={"threshold": 0.0}
     )
     llm.generate(prompts, params, use_tqdm=False)
     config = scheduler.kv_cache_config
+    vllm_config = llm.llm_engine.vllm_config
     return {
         "num_blocks": config.num_blocks,
         "block_size": scheduler.block_size,
         "max_seqs": peak,
+        "vllm_max_concurrency": round(
+            get_max_concurrency_for_kv_cache_config(vllm_config, config), 3
+        ),
     }
 
 
-def run_child(folder: Path, budget: int) -> dict:
+def run_child(
+    folder: Path, budget: int, seq_len: int = SEQ_LEN, requests: int = REQUESTS, dtype="float32"
+) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", str(folder), "--budget", str(budget)],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(folder),
+            "--budget",
+            str(budget),
+            "--seq-len",
+            str(seq_len),
+            "--requests",
+            str(requests),
+            "--dtype",
+            dtype,
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         check=False,
@@ -92,11 +126,20 @@ def run_child(folder: Path, budget: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=BUDGET, help="KV cache bytes")
+    parser.add_argument("--hybrid", action="store_true", help="measure the hybrid vs dense")
+    parser.add_argument("--softmax-ratio", type=float, default=0.25, help="the hybrid's")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=REQUESTS, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.budget)))
+        run = measure(args.child, args.budget, args.seq_len, args.requests, args.dtype)
+        print(json.dumps(run))
+        return
+    if args.hybrid:
+        measure_hybrid(args)
         return
     from subjective.model_registry.convert import convert
 
@@ -123,6 +166,53 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def measure_hybrid(args: argparse.Namespace) -> None:
+    """Dense and its hybrid at `HYBRID_SEQ_LEN` tokens, bf16; merged into `args.out`."""
+    from subjective.machine import machine_info
+    from subjective.model_registry.config import ModelConfig
+    from subjective.model_registry.convert import convert_hybrid, interleaved_layer_types
+
+    layers = ModelConfig.from_folder(DENSE).num_hidden_layers
+    types = interleaved_layer_types(layers, args.softmax_ratio)
+    softmax = types.count("full_attention")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {"dense": DENSE, "hybrid": convert_hybrid(DENSE, Path(tmp) / "hybrid", types)}
+        for kind, folder in folders.items():
+            runs[kind] = run_child(folder, args.budget, HYBRID_SEQ_LEN, HYBRID_REQUESTS, "bfloat16")
+            print(kind, runs[kind], flush=True)
+    dense, hybrid = runs["dense"], runs["hybrid"]
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    command = "python benchmarks/kv_capacity.py --hybrid"
+    if args.softmax_ratio != 0.25:
+        command += f" --softmax-ratio {args.softmax_ratio}"
+    result.update(
+        hybrid_max_seqs=hybrid["max_seqs"],
+        hybrid_softmax_ratio=round(softmax / layers, 4),
+        hybrid_run={
+            "command": command,
+            "machine": machine_info(),
+            "model": f"{DENSE.relative_to(REPO)} hybridized without training: {softmax} of "
+            f"{layers} layers softmax (uniform interleave), the rest Gated DeltaNet",
+            "dtype": "bfloat16 (KV, conv state); float32 recurrent state",
+            "kv_budget_bytes": args.budget,
+            "seq_len": HYBRID_SEQ_LEN,
+            "requests": HYBRID_REQUESTS,
+            "dense_max_seqs": dense["max_seqs"],
+            "hybrid_max_seqs": hybrid["max_seqs"],
+            "max_seqs_ratio": round(hybrid["max_seqs"] / dense["max_seqs"], 3),
+            "vllm_max_concurrency": {k: r["vllm_max_concurrency"] for k, r in runs.items()},
+            "vllm_max_concurrency_ratio": round(
+                hybrid["vllm_max_concurrency"] / dense["vllm_max_concurrency"], 3
+            ),
+            "num_blocks": {k: r["num_blocks"] for k, r in runs.items()},
+            "block_size": {k: r["block_size"] for k, r in runs.items()},
+        },
+    )
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["hybrid_run"], indent=2))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def make_record(
         dense_flops=2 * flops,
         kv_entries=100 + n,
         kv_entries_dense=200 + n,
+        state_bytes=147_456 * (n % 2),  # a hybrid's recurrent state, every other record
         price_nanos=Pricing(default="0.0025").price_nanos(model, flops),
         started_at=finished - timedelta(milliseconds=250),
         finished_at=finished,
@@ -211,6 +212,8 @@ def test_record_round_trips_through_its_stored_forms() -> None:
     assert UsageRecord.from_dict(record.to_fields()) == record
     no_threshold = replace(record, threshold=None)
     assert UsageRecord.from_dict(no_threshold.to_fields()) == no_threshold
+    older = {k: v for k, v in record.to_fields().items() if k != "state_bytes"}
+    assert UsageRecord.from_dict(older) == replace(record, state_bytes=0)  # stored before it
 
 
 def test_record_refuses_bad_values() -> None:

@@ -36,6 +36,7 @@ def observe(metrics: ServerMetrics, **overrides: object) -> None:
         dense_flops=4_000,
         kv_entries=30,
         kv_entries_dense=60,
+        state_bytes=2_048,
         token_layers=500,
         token_layers_skipped=350,
         ttft_s=0.03,
@@ -62,6 +63,7 @@ def test_request_observations_are_exposed_exactly() -> None:
     assert s[key("subjective_dense_flops_total", **M)] == 8_000
     assert s[key("subjective_kv_entries_total", **M)] == 60
     assert s[key("subjective_kv_entries_dense_total", **M)] == 120
+    assert s[key("subjective_state_bytes_total", **M)] == 4_096
     assert s[key("subjective_token_layers_total", **M)] == 1_000
     assert s[key("subjective_token_layers_skipped_total", **M)] == 700
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,6 +53,38 @@ def test_dense_meter_equals_torch_flop_counter_on_the_executed_tokens(slots) -> 
     )
     assert compute.flops == compute.dense_flops == counter.get_total_flops()
     assert compute.kv_entries == config.num_hidden_layers * 4
+
+
+def test_hybrid_meter_equals_torch_flop_counter_on_the_decode_steps(slots) -> None:
+    """A hybrid (2 of 3 layers linear): each fed-back token runs the recurrent form, one token per
+    forward, so torch's count of those steps is exact; the prompt's chunked form is held to
+    torch in test_flops. KV entries in the softmax layer only, the linear layers' state in
+    float32 bytes, `dense_flops` those of the all-softmax model of its shape."""
+    torch.manual_seed(0)
+    dense = tiny_config("dense", layers=3)
+    config = replace(dense, layer_types=["linear_attention", "full_attention", "linear_attention"])
+    model = build_model(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 9))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(ids[:, :5], cache=cache, logits="last")
+        with FlopCounterMode(display=False) as counter:
+            for position in range(5, 9):
+                model(ids[:, position : position + 1], cache=cache, logits="last")
+    meter = Meter(config, slots)
+    compute = meter.dense_compute(
+        EngineTally(prompt_tokens=5, cached_tokens=0, completion_tokens=5)
+    )
+    prompt = meter.dense_compute(EngineTally(prompt_tokens=5, cached_tokens=0, completion_tokens=1))
+    assert compute.flops - prompt.flops == counter.get_total_flops()
+    as_dense = Meter(dense, slots).dense_compute(
+        EngineTally(prompt_tokens=5, cached_tokens=0, completion_tokens=5)
+    )
+    assert compute.dense_flops == as_dense.flops != compute.flops
+    assert (compute.kv_entries, compute.kv_entries_dense) == (9, 27)
+    state = cache.layers[0].state
+    assert compute.state_bytes == 2 * state.numel() * 4 == (2 * 6 * 8 * 8) * 4
+    assert as_dense.state_bytes == 0
 
 
 def test_prompt_scoring_bills_the_lm_head_on_every_prompt_token_it_ran(slots) -> None:

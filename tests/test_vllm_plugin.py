@@ -79,7 +79,11 @@ def run_vllm(
         "dtype": dtype,
         "requests": requests,
     }
-    spec_path = tmp / f"{model.name}-{kv_capacity}-{dtype}-spec.json"
+    return run_engine(spec, tmp / f"{model.name}-{kv_capacity}-{dtype}-spec.json")["results"]
+
+
+def run_engine(spec: dict, spec_path: Path) -> dict:
+    """`tests/vllm_generate.py` on `spec` (written to `spec_path`): its whole JSON output."""
     spec_path.write_text(json.dumps(spec))
     done = subprocess.run(
         [sys.executable, str(HELPER), str(spec_path)],
@@ -89,7 +93,7 @@ def run_vllm(
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

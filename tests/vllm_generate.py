@@ -1,13 +1,14 @@
 """Run one model through an in-process vLLM engine and print what it did, as JSON.
 
 `python tests/vllm_generate.py SPEC.json`: SPEC holds `model`, `max_tokens`, optionally
-`kv_capacity` (passed to `engine_kwargs`) and `dtype` (default float32), and `requests` (a list
+`kv_capacity` (passed to `engine_kwargs`), `dtype` (default float32), `engine` (more `LLM`
+arguments, e.g. `num_gpu_blocks_override` to force preemptions), and `requests` (a list
 of `{"prompt": [token ids], "extra_args": {...}}`, each optionally with its own `max_tokens`,
 all submitted together so they share batches). Each request gets a compute_slots row; the
 output lists per request its greedy tokens and their log-probabilities, its counters
 (compute_slots FIELDS) and, for gated models, the routing decisions the worker took
-(`{layer: [0/1 per token]}`). One engine per process: tests run this as a subprocess, so
-engines never share a process.
+(`{layer: [0/1 per token]}`); beside them, how many preemptions the engine made. One engine
+per process: tests run this as a subprocess, so engines never share a process.
 """
 
 from __future__ import annotations
@@ -35,14 +36,19 @@ def main(spec_path: str) -> None:
     os.environ[ENV_VAR] = str(slots.path)
     started = time.monotonic()
     llm = LLM(
-        model=spec["model"],
-        dtype=spec.get("dtype", "float32"),
-        max_model_len=256,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,  # long prompts prefill in chunks, beside decodes
-        distributed_executor_backend="uni",
-        seed=0,
-        **{"enforce_eager": True, **engine_kwargs(spec["model"], spec.get("kv_capacity"))},
+        **{
+            "model": spec["model"],
+            "dtype": spec.get("dtype", "float32"),
+            "max_model_len": 256,
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,  # long prompts prefill in chunks, beside decodes
+            "distributed_executor_backend": "uni",
+            "seed": 0,
+            "disable_log_stats": False,  # the preemption counter
+            "enforce_eager": True,
+            **engine_kwargs(spec["model"], spec.get("kv_capacity")),
+            **spec.get("engine", {}),
+        }
     )
     loaded = time.monotonic() - started
     rows = [slots.acquire() for _ in spec["requests"]]
@@ -75,7 +81,8 @@ def main(spec_path: str) -> None:
                 "routing": routing,
             }
         )
-    print(json.dumps({"load_s": loaded, "results": results}))
+    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    print(json.dumps({"load_s": loaded, "preemptions": preemptions, "results": results}))
     slots.close()
 
 

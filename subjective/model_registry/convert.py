@@ -20,8 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from subjective.model_registry.config import ARCHITECTURES, Kind, ModelConfig, RoutingConfig
-from subjective.model_registry.hybrid import HybridForCausalLM
+from subjective.model_registry.config import (
+    ARCHITECTURES,
+    Kind,
+    LayerType,
+    ModelConfig,
+    RoutingConfig,
+)
+from subjective.model_registry.hybrid import HybridForCausalLM, hybridize
 from subjective.model_registry.llama import (
     LlamaForCausalLM,
     is_base_parameter,
@@ -199,6 +205,21 @@ def convert(
     model = build_model(config)
     load_base_weights(model, read_safetensors_dir(src))
     return save_model(model, dst, base_folder=src, template_config=raw, tokenizer_from=src)
+
+
+def interleaved_layer_types(layers: int, softmax_ratio: float) -> list[LayerType]:
+    """`round(softmax_ratio · layers)` softmax layers spread evenly (each in the middle of its
+    share of the depth), the rest linear: the uniform interleave of a ratio."""
+    softmax = round(softmax_ratio * layers)
+    chosen = {int((i + 0.5) * layers / softmax) for i in range(softmax)}
+    return ["full_attention" if i in chosen else "linear_attention" for i in range(layers)]
+
+
+def convert_hybrid(src: str | Path, dst: str | Path, layer_types: list[LayerType]) -> Path:
+    """Dense Llama folder `src` → hybrid folder `dst` (full weights, `src`'s tokenizer) by
+    `hybridize`, without training: servable, its quality is not the point (tests, capacity)."""
+    hybrid = hybridize(load_model(src), layer_types)
+    return save_model(hybrid, dst, base_folder=None, tokenizer_from=src)
 
 
 def install_adapter(adapter: str | Path, base: str | Path, dst: str | Path) -> Path:

@@ -5,7 +5,10 @@ from the routing decisions taken, into a compute slot the front end lends the re
 (`model_registry.compute_slots`). A model vLLM serves without the plugin (a plain Llama)
 writes nothing there; for it every token took the full path, so the same `count_flops` gives
 the figure from the tokens vLLM reports it ran (prompt tokens not served from vLLM's prefix
-cache, plus every generated token fed back).
+cache, plus every generated token fed back). A hybrid is counted that way too: its tokens all
+take the full path, and `count_flops` knows its linear layers (no KV entries; `state_bytes`, the
+recurrent state each sequence holds); its `dense_flops` are those of the all-softmax model of
+its shape.
 
 Either count has the LM head run on the last prompt token only. A request for prompt logprobs
 (prompt scoring) has the engine compute the logits of every prompt token it runs: the meter
@@ -25,8 +28,12 @@ from subjective.model_registry.compute_slots import (
     FrontEndSlots,
 )
 from subjective.model_registry.config import ModelConfig, RoutingConfig
-from subjective.model_registry.flops import count_flops
+from subjective.model_registry.flops import count_flops, state_elements
 from subjective.server.protocol import ComputeUsage
+
+# Bytes per recurrent-state element: hybrids keep it in float32 (it accumulates every token),
+# in the reference and in vLLM's cache on CPU alike.
+RECURRENT_STATE_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Compute:
     kv_entries_dense: int = 0
     token_layers: int = 0
     token_layers_skipped: int = 0
+    state_bytes: int = 0
 
     def __add__(self, other: Compute) -> Compute:
         return Compute(
@@ -48,6 +56,7 @@ class Compute:
             self.kv_entries_dense + other.kv_entries_dense,
             self.token_layers + other.token_layers,
             self.token_layers_skipped + other.token_layers_skipped,
+            self.state_bytes + other.state_bytes,
         )
 
     def usage(self) -> ComputeUsage:
@@ -58,6 +67,7 @@ class Compute:
             saved_ratio=saved,
             kv_entries=self.kv_entries,
             kv_entries_dense=self.kv_entries_dense,
+            state_bytes=self.state_bytes,
         )
 
     @classmethod
@@ -95,8 +105,9 @@ class Meter:
     def __init__(self, model: ModelConfig, slots: FrontEndSlots) -> None:
         self.model = model
         self.slots = slots
-        # The plain-Llama count: every layer on the full path.
-        self._dense = replace(model, routing=RoutingConfig())
+        # The count when every token takes the full path (plain Llama, hybrid).
+        self._full_path = replace(model, routing=RoutingConfig())
+        self._state_bytes = state_elements(model) * RECURRENT_STATE_BYTES
 
     def open(self) -> Ticket:
         return Ticket(*self.slots.acquire())
@@ -132,12 +143,17 @@ class Meter:
     def _dense_run(self, tally: EngineTally) -> Compute:
         fed = tally.prompt_tokens + max(tally.completion_tokens - 1, 0)
         ran = count_flops(
-            self._dense,
+            self._full_path,
             {},
             [fed - tally.cached_tokens],
             [tally.prompt_tokens],
             starts=torch.tensor([tally.cached_tokens]),
         )
-        flops = int(ran.prompt.flops[0] + ran.completion.flops[0])
-        kv = int(ran.prompt.kv_entries[0] + ran.completion.kv_entries[0])
-        return Compute(flops, flops, kv, kv)
+        p, c = ran.prompt, ran.completion
+        return Compute(
+            int(p.flops[0] + c.flops[0]),
+            int(p.dense_flops[0] + c.dense_flops[0]),
+            int(p.kv_entries[0] + c.kv_entries[0]),
+            int(p.kv_entries_dense[0] + c.kv_entries_dense[0]),
+            state_bytes=self._state_bytes,
+        )

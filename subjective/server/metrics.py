@@ -47,6 +47,7 @@ class _Collectors:
     dense_flops: Counter
     kv_entries: Counter
     kv_entries_dense: Counter
+    state_bytes: Counter
     token_layers: Counter
     token_layers_skipped: Counter
     ttft: Histogram
@@ -84,6 +85,9 @@ def _build(registry: CollectorRegistry) -> _Collectors:
         kv_entries=counter("subjective_kv_entries", "KV-cache entries written."),
         kv_entries_dense=counter(
             "subjective_kv_entries_dense", "KV-cache entries a dense model would have written."
+        ),
+        state_bytes=counter(
+            "subjective_state_bytes", "Recurrent-state bytes held by hybrids' linear layers."
         ),
         token_layers=counter(
             "subjective_token_layers", "(token, gated layer) pairs the router decided."
@@ -149,6 +153,7 @@ class ServerMetrics:
         dense_flops: int,
         kv_entries: int,
         kv_entries_dense: int,
+        state_bytes: int = 0,
         token_layers: int,
         token_layers_skipped: int,
         ttft_s: float | None,
@@ -166,6 +171,7 @@ class ServerMetrics:
         c.dense_flops.labels(**labels).inc(dense_flops)
         c.kv_entries.labels(**labels).inc(kv_entries)
         c.kv_entries_dense.labels(**labels).inc(kv_entries_dense)
+        c.state_bytes.labels(**labels).inc(state_bytes)
         c.token_layers.labels(**labels).inc(token_layers)
         c.token_layers_skipped.labels(**labels).inc(token_layers_skipped)
         if ttft_s is not None:

@@ -268,6 +268,8 @@ class ComputeUsage(BaseModel):
     saved_ratio: float
     kv_entries: int
     kv_entries_dense: int
+    # Hybrids: bytes of recurrent state its linear layers held (constant per sequence; 0 without).
+    state_bytes: int = 0
 
 
 class PromptTokensDetails(BaseModel):

@@ -17,20 +17,20 @@ from subjective.server.errors import APIError
 
 class ThresholdControl:
     def __init__(self, model: ModelConfig) -> None:
-        self.routing = model.routing if model.kind != "dense" else None
+        self.routing = model.routing if model.routing.kind != "dense" else None
         self._base = self.routing.threshold if self.routing else None
         self._lock = threading.Lock()
 
     @property
     def base(self) -> float | None:
-        """None for a dense model: it has no gate."""
+        """None for a model without a gate (dense, hybrid)."""
         return self._base
 
     def set(self, value: float) -> None:
         if self.routing is None:
             raise APIError(
                 400,
-                "The served model is dense: it has no surprise threshold to set.",
+                "The served model has no surprise gate: no threshold to set.",
                 code="no_threshold",
                 param="threshold",
             )

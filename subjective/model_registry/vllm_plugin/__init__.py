@@ -35,7 +35,12 @@ MODELS = {
     "SubjectiveDepthForCausalLM",
     "SubjectiveTimescaleForCausalLM": "subjective.model_registry.vllm_plugin.model:"
     "SubjectiveTimescaleForCausalLM",
+    "SubjectiveHybridForCausalLM": "subjective.model_registry.vllm_plugin.hybrid:"
+    "SubjectiveHybridForCausalLM",
 }
+# Hybrids (`hybrid.py`): vLLM's CPU GDN kernels run eager and without prefix caching (a cached
+# prefix would need the linear layers' state at each block boundary), in bfloat16 only.
+HYBRID_ENGINE_KWARGS: dict[str, Any] = {"enable_prefix_caching": False, "enforce_eager": True}
 REQUEST_ROWS = "subjective.model_registry.vllm_plugin.requests:RequestRows"
 # What each request tells its gates through `SamplingParams.extra_args` (beside the meter's
 # slot and tag, `compute_slots`): its quality, and the threshold it runs with.
@@ -53,7 +58,8 @@ def register() -> None:
 
 
 def engine_kwargs(model_dir: str | Path, kv_capacity: float | None = None) -> dict[str, Any]:
-    """Extra `AsyncEngineArgs` for serving `model_dir`; empty for a dense model.
+    """Extra `AsyncEngineArgs` for serving `model_dir`; empty for a dense model. A hybrid on a
+    CPU runs in bfloat16 whatever the server's dtype (vLLM's CPU GDN kernels take nothing else).
 
     Gated models need: the row-tracking logits processor (per-request threshold and meter
     slot reach the gates), no prefix caching (a cached block's KV depends on the threshold
@@ -62,8 +68,14 @@ def engine_kwargs(model_dir: str | Path, kv_capacity: float | None = None) -> di
     dense page a gated layer's KV pages hold (default: the checkpoint's routing capacity;
     1.0: dense pages, no capacity cap).
     """
-    if ModelConfig.from_folder(model_dir).kind == "dense":
+    kind = ModelConfig.from_folder(model_dir).kind
+    if kind == "dense":
         return {}
+    if kind == "hybrid":
+        from vllm.platforms import current_platform
+
+        cpu = {"dtype": "bfloat16"} if current_platform.is_cpu() else {}
+        return {**HYBRID_ENGINE_KWARGS, **cpu}
     kwargs: dict[str, Any] = {
         "logits_processors": [REQUEST_ROWS],
         "enable_prefix_caching": False,

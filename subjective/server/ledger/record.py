@@ -7,7 +7,7 @@ currency (`price_nanos`), so sums are exact; `price` is the same amount as a `De
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -66,6 +66,7 @@ class UsageRecord:
     started_at: datetime
     finished_at: datetime
     status: Status = Status.COMPLETED
+    state_bytes: int = 0  # hybrids: the linear layers' recurrent state (records before: 0)
 
     def __post_init__(self) -> None:
         for name in ("request_id", "api_key_id", "model"):
@@ -105,6 +106,8 @@ class UsageRecord:
         """Inverse of `to_dict`; also accepts the all-strings form of Redis hashes."""
         values: dict[str, Any] = {}
         for field in fields(cls):
+            if field.name not in data and field.default is not MISSING:
+                continue  # a record written before the field existed
             raw = data[field.name]
             if field.name in _COUNTS:
                 values[field.name] = int(raw)
@@ -128,5 +131,6 @@ _COUNTS = (
     "dense_flops",
     "kv_entries",
     "kv_entries_dense",
+    "state_bytes",
     "price_nanos",
 )
