@@ -53,15 +53,18 @@ def measure(folder: str, budget: int, seq_len: int, requests: int, dtype: str) -
     from subjective.model_registry.vllm_plugin import engine_kwargs
 
     llm = LLM(
-        model=folder,
-        dtype=dtype,
-        max_model_len=seq_len,
-        max_num_seqs=requests,
-        # Whole prompts in one step: a request admitted holds all its blocks at once.
-        max_num_batched_tokens=requests * seq_len,
-        kv_cache_memory_bytes=budget,
-        distributed_executor_backend="uni",
-        **{"enforce_eager": True, **engine_kwargs(folder)},
+        **{
+            "model": folder,
+            "dtype": dtype,
+            "max_model_len": seq_len,
+            "max_num_seqs": requests,
+            # Whole prompts in one step: a request admitted holds all its blocks at once.
+            "max_num_batched_tokens": requests * seq_len,
+            "kv_cache_memory_bytes": budget,
+            "distributed_executor_backend": "uni",
+            "enforce_eager": True,
+            **engine_kwargs(folder),
+        }
     )
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     peak = 0
