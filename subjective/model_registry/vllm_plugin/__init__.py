@@ -1,4 +1,4 @@
-"""vLLM plugin: SDT and STT served by vLLM with real skipping and per-request metering.
+"""vLLM plugin: SDT and STT served by vLLM with real skipping and per-request metering; hybrids.
 
 - `register`: the `vllm.general_plugins` entry point (architectures -> `model.py` classes).
 - `engine_kwargs`: the engine arguments a served folder needs beside the server's own.
@@ -12,6 +12,9 @@
   pages vLLM allocates at γ of the dense size (so its allocator admits more sequences), through
   `subjective.kernels` (Triton on CUDA, PyTorch on CPU).
 - `meter`: each step's executed / dense FLOPs and KV entries per request, into compute_slots.
+- `hybrid`: hybrids (softmax + Gated DeltaNet layers) on vLLM's Llama layers and vLLM's own GDN
+  layer, their state in vLLM's hybrid KV cache; no gate, so the front end meters them from
+  their tokens (`server/meter.py`).
 
 Limits: a gated layer keeps at most `page_entries · (p // block_size + 1)` entries up to
 position p (the capacity cap that makes the smaller pages safe; `kv_capacity=1.0` turns it
