@@ -23,7 +23,7 @@ serve: setup $(MODEL)/config.json $(GATED)
 test: setup $(MODEL)/config.json data/validation.txt $(GATED)
 	$(VENV)/bin/python -m pytest
 
-# End to end: dense vs SDT/STT through vLLM -> benchmarks/results/e2e_cpu.json and .png.
+# End to end: dense vs SDT/STT and a hybrid (made in a temporary folder) through vLLM -> benchmarks/results/e2e_cpu.json and .png.
 bench: setup $(MODEL)/config.json data/validation.txt $(GATED)
 	$(VENV)/bin/python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
 
