@@ -152,7 +152,8 @@ def main() -> None:
     for name, (model, threshold) in configs.items():
         runs[name] = run_child({**shape, "model": str(model), "threshold": threshold})
         print(name, {k: v for k, v in runs[name].items() if k != "profile"}, flush=True)
-    dense, dense_cpu = (runs["dense"][k] for k in ("output_tokens_per_s", "output_tokens_per_cpu_s"))
+    dense = runs["dense"]["output_tokens_per_s"]
+    dense_cpu = runs["dense"]["output_tokens_per_cpu_s"]
     for run in runs.values():
         run["vs_dense"] = round(run["output_tokens_per_s"] / dense, 3)
         run["vs_dense_cpu"] = round(run["output_tokens_per_cpu_s"] / dense_cpu, 3)
