@@ -16,6 +16,7 @@ from subjective.model_registry.compute_slots import ENV_VAR as COMPUTE_SLOTS_ENV
 from subjective.model_registry.compute_slots import FrontEndSlots
 from subjective.model_registry.config import ModelConfig
 from subjective.server.account_routes import admin_router, usage_router
+from subjective.server.admin_bootstrap import adopt_admin_key_file
 from subjective.server.auth import Authenticator
 from subjective.server.billed_request import Billing
 from subjective.server.choices import CompletionChoices, chat_logprobs
@@ -98,6 +99,8 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         with ExitStack() as teardown:
             keys = open_key_store()
             teardown.callback(keys.close)
+            if config.admin_key_file is not None:
+                adopt_admin_key_file(keys, config.admin_key_file)
             ledger = open_server_ledger()
             teardown.callback(ledger.close)
             ledger.start()
