@@ -53,6 +53,7 @@ from subjective.server.protocol import (
 from subjective.server.rate_limit import open_rate_limiter
 from subjective.server.service import CallerDep, Service, ServiceDep
 from subjective.server.threshold import ThresholdControl
+from subjective.server.usage_page import install_usage_page
 from subjective.server.usage_writer import UsageWriter
 
 ERROR_RESPONSES: dict[int | str, dict] = {
@@ -291,6 +292,7 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
     app.include_router(usage_router)
     app.include_router(admin_router)
+    install_usage_page(app)
     return app
 
 
