@@ -9,7 +9,8 @@ benchmarks/results/hybrid_table.json and .png (and the ranking's PNG beside them
 
     nice -n 10 python benchmarks/hybrid_table.py          # CPU scale (defaults)
     python benchmarks/hybrid_table.py --stage1-steps 2000 --stage2-steps 1000 --rank-steps 50 \
-        --batch-size 16 --block-size 1024 --eval-tokens 262144 --threads 0 --bf16   # a GPU
+        --rank-batch-size 8 --rank-block-size 1024 --rank-eval-blocks 16 --batch-size 16 \
+        --block-size 1024 --eval-tokens 262144 --eval-block-size 1024 --threads 0 --bf16  # GPU
 
 Rerunning resumes: finished stages are kept in the work directory (delete it to start over).
 """

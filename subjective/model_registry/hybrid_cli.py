@@ -170,9 +170,7 @@ def distil_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_every=args.save_every,
     )
-    record_run(
-        output, teacher=args.dense.resolve(), student=args.student, plan=asdict(plan)
-    )
+    record_run(output, teacher=args.dense.resolve(), student=args.student, plan=asdict(plan))
     template = json.loads((args.dense / "config.json").read_text())
 
     def save(model, folder: Path) -> None:
