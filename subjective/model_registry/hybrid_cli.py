@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -120,8 +118,13 @@ def load_dense(folder: Path):
     return teacher
 
 
-def record_run(output: Path, **fields) -> None:
-    record = {"command": shlex.join(["subjective", *sys.argv[1:]]), **fields}
+def invocation(args: argparse.Namespace) -> dict[str, str]:
+    """The parsed arguments (what ran, however the command was called), as strings."""
+    return {k: str(v) for k, v in vars(args).items() if k != "handler"}
+
+
+def record_run(output: Path, args: argparse.Namespace, **fields) -> None:
+    record = {"args": invocation(args), **fields}
     (output / RUN_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
@@ -170,7 +173,7 @@ def distil_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_every=args.save_every,
     )
-    record_run(output, teacher=args.dense.resolve(), student=args.student, plan=asdict(plan))
+    record_run(output, args, teacher=args.dense.resolve(), student=args.student, plan=asdict(plan))
     template = json.loads((args.dense / "config.json").read_text())
 
     def save(model, folder: Path) -> None:
@@ -229,7 +232,7 @@ def rank_command(args: argparse.Namespace) -> int:
     results = [asdict(s) for s in scores]
     output = args.output or args.stage1 / RANKING_FILE
     record = {
-        "command": shlex.join(["subjective", *sys.argv[1:]]),
+        "args": invocation(args),
         "teacher": str(teacher_dir),
         "ranking": [s.layer for s in scores],
         "proxy_ranking": [s.layer for s in sorted(scores, key=lambda s: -s.proxy_kl)],
@@ -271,7 +274,7 @@ def build_command(args: argparse.Namespace) -> int:
         model, args.output, base_folder=None, template_config=template, tokenizer_from=teacher_dir
     )
     record_run(
-        args.output, teacher=teacher_dir.resolve(), select=args.select, softmax_layers=softmax
+        args.output, args, teacher=teacher_dir.resolve(), select=args.select, softmax_layers=softmax
     )
     print(f"wrote {args.output} (softmax layers {softmax})")
     return 0
