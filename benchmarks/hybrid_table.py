@@ -81,7 +81,7 @@ def run_recipe(args: argparse.Namespace) -> tuple[dict, dict[tuple[float, str], 
     if not ranking_file.is_file():
         cli("hybrid", "rank", stage1, *common, "--steps", args.rank_steps,
             "--batch-size", args.rank_batch_size, "--block-size", args.rank_block_size,
-            "--eval-blocks", args.rank_eval_blocks)  # fmt: skip
+            "--eval-blocks", args.rank_eval_blocks, "--resume")  # fmt: skip
     hybrids = {}
     for ratio in args.ratios:
         for select in ("kl", "uniform"):

@@ -140,6 +140,18 @@ def test_pipeline_end_to_end_through_the_cli(dense_folder: Path, text_file: Path
     assert sorted(ranking["ranking"]) == [0, 1, 2, 3]
     assert [entry["layer"] for entry in ranking["layers"]] == ranking["ranking"]
     assert (stage1 / "hybrid_ranking.png").stat().st_size > 0
+    # An interrupted ranking resumes: scored layers are kept (a planted score shows it), the
+    # others rerun on the same data order and seed, so they reach the same KL.
+    planted = {**ranking["layers"][-1], "kl": -1.0}
+    setting = {"plan": ranking["plan"], "eval_blocks": 2, "data": str(text_file)}
+    (stage1 / "hybrid_ranking.partial.jsonl").write_text(
+        json.dumps({"setting": setting, "score": planted}) + "\n"
+    )
+    run("hybrid", "rank", stage1, *common, "--steps", 2, "--eval-blocks", 2, "--resume")
+    first, ranking = ranking, json.loads((stage1 / "hybrid_ranking.json").read_text())
+    assert ranking["layers"][0] == planted
+    assert ranking["layers"][1:] == first["layers"][:-1]
+    assert not (stage1 / "hybrid_ranking.partial.jsonl").exists()
 
     built = {}
     for select in ("kl", "uniform"):

@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rank.add_argument("--lr-rest", type=float, default=7e-6)
     rank.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for the KL")
     rank.add_argument("--output", type=Path, help=f"default: STAGE1/{RANKING_FILE} (PNG beside)")
+    rank.add_argument(
+        "--resume", action="store_true", help="keep the layers an interrupted run already scored"
+    )
     rank.set_defaults(handler=rank_command)
 
     build = commands.add_parser("build", help="a hybrid folder: chosen layers softmax, rest linear")
@@ -203,7 +206,12 @@ def rank_command(args: argparse.Namespace) -> int:
 
     from subjective.model_registry.convert import load_model
     from subjective.model_registry.distil import MODEL_DIR, Plan
-    from subjective.model_registry.hybrid_rank import plot_scores, rank_layers_by_kl, spearman
+    from subjective.model_registry.hybrid_rank import (
+        LayerScore,
+        plot_scores,
+        rank_layers_by_kl,
+        spearman,
+    )
     from subjective.model_registry.layer_states import text_blocks
 
     torch.manual_seed(args.seed)
@@ -228,9 +236,29 @@ def rank_command(args: argparse.Namespace) -> int:
     held_out = text_blocks(
         args.data, teacher_dir, args.eval_blocks, args.block_size, seed=args.seed + 100
     )
-    scores = rank_layers_by_kl(teacher, stage1, tokens, held_out, plan, bf16=args.bf16)
-    results = [asdict(s) for s in scores]
     output = args.output or args.stage1 / RANKING_FILE
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Each layer's score as it comes, with what produced it, so that `--resume` can go on.
+    partial = output.with_suffix(".partial.jsonl")
+    setting = {"plan": asdict(plan), "eval_blocks": args.eval_blocks, "data": str(args.data)}
+    done = {}
+    if args.resume and partial.is_file():
+        for line in partial.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["setting"] != setting:
+                raise SystemExit(f"{partial} was scored with other settings: {entry['setting']}")
+            done[entry["score"]["layer"]] = LayerScore(**entry["score"])
+    else:
+        partial.unlink(missing_ok=True)
+
+    def keep(score: LayerScore) -> None:
+        with partial.open("a") as handle:
+            handle.write(json.dumps({"setting": setting, "score": asdict(score)}) + "\n")
+
+    scores = rank_layers_by_kl(
+        teacher, stage1, tokens, held_out, plan, bf16=args.bf16, done=done, on_score=keep
+    )
+    results = [asdict(s) for s in scores]
     record = {
         "args": invocation(args),
         "teacher": str(teacher_dir),
@@ -241,9 +269,9 @@ def rank_command(args: argparse.Namespace) -> int:
         "eval_blocks": args.eval_blocks,
         "layers": results,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
     plot_scores(results, output.with_suffix(".png"))
+    partial.unlink(missing_ok=True)
     print(f"wrote {output} (keep softmax first: {', '.join(map(str, record['ranking']))})")
     return 0
 

@@ -9,6 +9,7 @@ linear attention in its place); higher proxy KL: the layer matters more.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -39,13 +40,19 @@ def rank_layers_by_kl(
     plan: Plan,
     bf16: bool = False,
     progress: bool = True,
+    done: Mapping[int, LayerScore] | None = None,
+    on_score: Callable[[LayerScore], None] | None = None,
 ) -> list[LayerScore]:
-    """Every layer's score, most important first (lowest KL after restoring it)."""
+    """Every layer's score, most important first (lowest KL after restoring it). Layers in
+    `done` (an interrupted ranking's) are not rerun; `on_score` sees each new score."""
     plan = replace(plan, stage=2)
     layers = range(teacher.config.num_hidden_layers)
     reference = logits_of(teacher, eval_blocks)
     scores = []
     for i in tqdm(layers, desc="rank layers", disable=not progress):
+        if done is not None and i in done:
+            scores.append(done[i])
+            continue
         student = assemble(teacher, [i], stage1).to(teacher.lm_head.weight.device)
         distil(teacher, student, tokens, plan, bf16=bf16, progress=False)
         kl = held_out_kl(reference, student, eval_blocks)
@@ -53,6 +60,8 @@ def rank_layers_by_kl(
         others = [j for j in layers if j != i]
         proxy = assemble(teacher, others, stage1).to(teacher.lm_head.weight.device)
         scores.append(LayerScore(i, kl, held_out_kl(reference, proxy, eval_blocks)))
+        if on_score is not None:
+            on_score(scores[-1])
     return sorted(scores, key=lambda s: s.kl)
 
 
