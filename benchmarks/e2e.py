@@ -22,8 +22,8 @@ token-layers (compute_slots counters, prompt and completion); `skipped_fraction_
 counts every layer of the model instead, and `ideal_speedup` = 1 / (1 − that);
 `ratio_to_dense` = tokens_per_s / that of dense in the same dtype, eager; `ratio_to_ideal` =
 ratio_to_dense / ideal_speedup (1.0: skipping saved exactly its share of the work). A row with
-`error` (its engine died) or `skipped` (not runnable, with the reason) has no measurements.
-Gated models run eager only while `engine_kwargs` forces it: their compiled rows say so.
+`error` (its engine died) has no measurements. Compiled gated models compile their layers'
+shape-generic pieces (`vllm_plugin.layers.Steps`); routing runs eagerly.
 
     python benchmarks/e2e.py            # writes benchmarks/results/e2e_cpu.json (.png beside)
     python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
@@ -315,13 +315,6 @@ def plan(args: argparse.Namespace, folders: dict[str, Path]) -> list[Engine]:
     ]
 
 
-def not_runnable(engine: Engine) -> str | None:
-    """Why this configuration cannot run (compiled, where the plugin forces eager), or None."""
-    if engine.mode == "compiled" and engine_kwargs(engine.folder).get("enforce_eager"):
-        return "engine_kwargs forces enforce_eager for gated models (data-dependent shapes)"
-    return None
-
-
 def run_engine(
     engine: Engine, args: argparse.Namespace, prompts: list[list[int]], tmp: Path
 ) -> list[dict[str, Any]]:
@@ -517,11 +510,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp:
         folders = model_folders(args, Path(tmp))
         for engine in plan(args, folders):
-            reason = not_runnable(engine)
-            if reason:
-                new = [engine.unmeasured(s, skipped=reason) for s in engine.settings]
-            else:
-                new = run_engine(engine, args, prompts, Path(tmp))
+            new = run_engine(engine, args, prompts, Path(tmp))
             for row in new:
                 print(json.dumps(row), flush=True)
             rows += new

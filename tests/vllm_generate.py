@@ -1,7 +1,8 @@
 """Run one model through an in-process vLLM engine and print what it did, as JSON.
 
 `python tests/vllm_generate.py SPEC.json`: SPEC holds `model`, `max_tokens`, optionally
-`kv_capacity` (passed to `engine_kwargs`) and `dtype` (default float32), and `requests` (a list
+`kv_capacity` (passed to `engine_kwargs`), `dtype` (default float32) and `compiled` (vLLM's
+compiled mode instead of eager), and `requests` (a list
 of `{"prompt": [token ids], "extra_args": {...}}`, each optionally with its own `max_tokens`,
 all submitted together so they share batches). Each request gets a compute_slots row; the
 output lists per request its greedy tokens and their log-probabilities, its counters
@@ -42,7 +43,8 @@ def main(spec_path: str) -> None:
         max_num_batched_tokens=64,  # long prompts prefill in chunks, beside decodes
         distributed_executor_backend="uni",
         seed=0,
-        **{"enforce_eager": True, **engine_kwargs(spec["model"], spec.get("kv_capacity"))},
+        enforce_eager=not spec.get("compiled", False),
+        **engine_kwargs(spec["model"], spec.get("kv_capacity")),
     )
     loaded = time.monotonic() - started
     rows = [slots.acquire() for _ in spec["requests"]]
