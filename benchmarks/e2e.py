@@ -28,7 +28,8 @@ counts every layer of the model instead, and `ideal_speedup` = 1 / (1 − that);
 `ratio_to_dense` = tokens_per_s / that of dense in the same dtype, eager; `ratio_to_ideal` =
 ratio_to_dense / ideal_speedup (1.0: skipping saved exactly its share of the work). A row with
 `error` (its engine died) or `skipped` (not runnable, with the reason) has no measurements.
-Gated models run eager only while `engine_kwargs` forces it: their compiled rows say so.
+Compiled gated models compile their layers' shape-generic pieces (`vllm_plugin.layers.Steps`);
+routing runs eagerly.
 
     python benchmarks/e2e.py            # writes benchmarks/results/e2e_cpu.json (.png beside)
     python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
@@ -286,14 +287,15 @@ def make_prompts(tokenizer_dir: Path, data: Path, count: int, length: int) -> li
 
 def model_folders(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
     """The folder of each variant: given in `--models`, else converted from dense into `tmp`."""
-    from subjective.model_registry.convert import convert, convert_hybrid, interleaved_layer_types
+    from subjective.model_registry.convert import convert, convert_hybrid
+    from subjective.model_registry.hybrid_rank import keep_count, select_layers
 
     folders = {"dense": args.dense, **args.models}
     for variant in args.variants:
         if variant == "hybrid" and variant not in folders:
             layers = ModelConfig.from_folder(folders["dense"]).num_hidden_layers
-            types = interleaved_layer_types(layers, HYBRID_SOFTMAX_RATIO)
-            folders[variant] = convert_hybrid(folders["dense"], tmp / variant, types)
+            softmax = select_layers("uniform", keep_count(HYBRID_SOFTMAX_RATIO, layers), layers)
+            folders[variant] = convert_hybrid(folders["dense"], tmp / variant, softmax)
         elif variant not in folders:
             folders[variant] = convert(folders["dense"], tmp / variant, variant)
     return {variant: Path(folders[variant]) for variant in args.variants}

@@ -175,14 +175,15 @@ def measure_hybrid(args: argparse.Namespace) -> None:
     """Dense and its hybrid at `HYBRID_SEQ_LEN` tokens, bf16; merged into `args.out`."""
     from subjective.machine import machine_info
     from subjective.model_registry.config import ModelConfig
-    from subjective.model_registry.convert import convert_hybrid, interleaved_layer_types
+    from subjective.model_registry.convert import convert_hybrid
+    from subjective.model_registry.hybrid_rank import keep_count, select_layers
 
     layers = ModelConfig.from_folder(DENSE).num_hidden_layers
-    types = interleaved_layer_types(layers, args.softmax_ratio)
-    softmax = types.count("full_attention")
+    chosen = select_layers("uniform", keep_count(args.softmax_ratio, layers), layers)
+    softmax = len(chosen)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {"dense": DENSE, "hybrid": convert_hybrid(DENSE, Path(tmp) / "hybrid", types)}
+        folders = {"dense": DENSE, "hybrid": convert_hybrid(DENSE, Path(tmp) / "hybrid", chosen)}
         for kind, folder in folders.items():
             runs[kind] = run_child(folder, args.budget, HYBRID_SEQ_LEN, HYBRID_REQUESTS, "bfloat16")
             print(kind, runs[kind], flush=True)

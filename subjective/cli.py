@@ -9,6 +9,7 @@ import sys
 # Each module exposes `register(subparsers)`, adding its own sub-command(s).
 COMMAND_MODULES = (
     "subjective.model_registry.cli",
+    "subjective.model_registry.hybrid_cli",
     "subjective.data.cli",
     "subjective.evaluation.cli",
     "subjective.server.cli",

@@ -12,7 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from subjective.model_registry.config import ModelConfig, RoutingConfig
 from subjective.model_registry.convert import build_model
 from subjective.model_registry.delta_rule import CHUNK_SIZE
-from subjective.model_registry.flops import PhaseCounts, count_flops, state_elements
+from subjective.model_registry.flops import (
+    PhaseCounts,
+    count_flops,
+    sequence_memory_bytes,
+    state_elements,
+)
 from subjective.model_registry.hybrid import hybridize
 from subjective.model_registry.surprise import SurpriseGate
 from subjective.model_registry.tiny import tiny_config
@@ -299,6 +304,12 @@ def test_hybrid_meter_equals_torch_flop_counter() -> None:
     assert kv.tolist() == cache.kept_lengths().sum(0).tolist() == (lengths * full_layers).tolist()
     states = [cache.layers[i].state for i in config.linear_layers]
     assert sum(s[0].numel() for s in states) == state_elements(config) > 0
+    for b, length in enumerate(lengths.tolist()):  # what the cache really holds, in bytes
+        held = sum(s[b].nbytes for s in states)
+        for i, layer in enumerate(cache.layers):
+            if i not in config.linear_layers:
+                held += layer.keys[b].nbytes + layer.values[b].nbytes
+        assert held == sequence_memory_bytes(config, length, kv_bytes=4, state_bytes=4)
     dense = count_flops(teacher.config, {}, lengths, prompt_lens)
     assert torch.equal(report.prompt.dense_flops, dense.prompt.flops)
     assert state_elements(teacher.config) == 0

@@ -17,8 +17,9 @@ import openai
 import pytest
 import torch
 
-from subjective.model_registry.convert import convert_hybrid, interleaved_layer_types, load_model
+from subjective.model_registry.convert import convert_hybrid, load_model
 from subjective.model_registry.flops import state_elements
+from subjective.model_registry.hybrid_rank import keep_count, select_layers
 from subjective.model_registry.runner import generate
 from subjective.server.keys import KeyStore, SQLiteKeyStorage
 from tests.processes import serving
@@ -32,8 +33,8 @@ NEW_TOKENS = 7
 @pytest.fixture(scope="module")
 def hybrid_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    types = interleaved_layer_types(30, SOFTMAX_RATIO)
-    return convert_hybrid(model_dir, tmp_path_factory.mktemp("hybrid") / "SmolLM2-hybrid", types)
+    softmax = select_layers("uniform", keep_count(SOFTMAX_RATIO, 30), 30)
+    return convert_hybrid(model_dir, tmp_path_factory.mktemp("hybrid") / "SmolLM2-hybrid", softmax)
 
 
 @pytest.fixture(scope="module")

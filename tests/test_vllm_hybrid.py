@@ -46,9 +46,9 @@ def bf16_ulps(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def hybrid_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    types = ["linear_attention" if i in LINEAR_LAYERS else "full_attention" for i in range(30)]
+    softmax = [i for i in range(30) if i not in LINEAR_LAYERS]
     torch.manual_seed(0)
-    return convert_hybrid(model_dir, tmp_path_factory.mktemp("hybrid") / "hybrid", types)
+    return convert_hybrid(model_dir, tmp_path_factory.mktemp("hybrid") / "hybrid", softmax)
 
 
 def test_every_reference_parameter_has_a_vllm_name():

@@ -1,8 +1,9 @@
 """Run one model through an in-process vLLM engine and print what it did, as JSON.
 
 `python tests/vllm_generate.py SPEC.json`: SPEC holds `model`, `max_tokens`, optionally
-`kv_capacity` (passed to `engine_kwargs`), `dtype` (default float32), `engine` (more `LLM`
-arguments, e.g. `num_gpu_blocks_override` to force preemptions), and `requests` (a list
+`kv_capacity` (passed to `engine_kwargs`), `dtype` (default float32), `compiled` (vLLM's
+compiled mode instead of eager), `engine` (more `LLM` arguments, e.g.
+`num_gpu_blocks_override` to force preemptions), and `requests` (a list
 of `{"prompt": [token ids], "extra_args": {...}}`, each optionally with its own `max_tokens`,
 all submitted together so they share batches). Each request gets a compute_slots row; the
 output lists per request its greedy tokens and their log-probabilities, its counters
@@ -45,7 +46,7 @@ def main(spec_path: str) -> None:
             "distributed_executor_backend": "uni",
             "seed": 0,
             "disable_log_stats": False,  # the preemption counter
-            "enforce_eager": True,
+            "enforce_eager": not spec.get("compiled", False),
             **engine_kwargs(spec["model"], spec.get("kv_capacity")),
             **spec.get("engine", {}),
         }

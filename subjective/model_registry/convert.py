@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,14 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from subjective.model_registry.config import (
-    ARCHITECTURES,
-    Kind,
-    LayerType,
-    ModelConfig,
-    RoutingConfig,
-)
-from subjective.model_registry.hybrid import HybridForCausalLM, hybridize
+from subjective.model_registry.config import ARCHITECTURES, Kind, ModelConfig, RoutingConfig
+from subjective.model_registry.distil import assemble
+from subjective.model_registry.hybrid import HybridForCausalLM
 from subjective.model_registry.llama import (
     LlamaForCausalLM,
     is_base_parameter,
@@ -207,18 +202,12 @@ def convert(
     return save_model(model, dst, base_folder=src, template_config=raw, tokenizer_from=src)
 
 
-def interleaved_layer_types(layers: int, softmax_ratio: float) -> list[LayerType]:
-    """`round(softmax_ratio · layers)` softmax layers spread evenly (each in the middle of its
-    share of the depth), the rest linear: the uniform interleave of a ratio."""
-    softmax = round(softmax_ratio * layers)
-    chosen = {int((i + 0.5) * layers / softmax) for i in range(softmax)}
-    return ["full_attention" if i in chosen else "linear_attention" for i in range(layers)]
-
-
-def convert_hybrid(src: str | Path, dst: str | Path, layer_types: list[LayerType]) -> Path:
-    """Dense Llama folder `src` → hybrid folder `dst` (full weights, `src`'s tokenizer) by
-    `hybridize`, without training: servable, its quality is not the point (tests, capacity)."""
-    hybrid = hybridize(load_model(src), layer_types)
+def convert_hybrid(src: str | Path, dst: str | Path, softmax_layers: Sequence[int]) -> Path:
+    """Dense Llama folder `src` → hybrid folder `dst` (full weights, `src`'s tokenizer) keeping
+    `softmax_layers` softmax, the others Gated DeltaNet initialised from the teacher's attention
+    (`distil.assemble`), without training: servable, its quality is not the point (tests,
+    capacity and speed benchmarks)."""
+    hybrid = assemble(load_model(src), softmax_layers)
     return save_model(hybrid, dst, base_folder=None, tokenizer_from=src)
 
 

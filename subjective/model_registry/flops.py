@@ -208,3 +208,14 @@ def state_elements(config: ModelConfig) -> int:
     `H · hd · hd` per linear layer, where a softmax layer holds `2 · H_kv · hd` per KV entry."""
     hd = config.head_dim
     return len(config.linear_layers) * config.num_attention_heads * hd * hd
+
+
+def sequence_memory_bytes(
+    config: ModelConfig, tokens: int, kv_bytes: int = 2, state_bytes: int = 4
+) -> int:
+    """What one sequence of `tokens` tokens holds: KV entries of the softmax layers
+    (`2 · H_kv · hd` elements per token and layer, `kv_bytes` each) plus the linear layers'
+    constant recurrent state (`state_elements`, `state_bytes` each: fp32, as it accumulates)."""
+    softmax = config.num_hidden_layers - len(config.linear_layers)
+    kv = softmax * tokens * 2 * config.num_key_value_heads * config.head_dim
+    return kv * kv_bytes + state_elements(config) * state_bytes

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from subjective.model_registry.distil import forward_kl
 from subjective.model_registry.layer_states import LayerStates, collect_layer_states
 from subjective.model_registry.llama import ForwardContext, LlamaForCausalLM, counts_of
 from subjective.model_registry.skip_fit import top_share
@@ -73,13 +73,6 @@ def gated_logits(
     return model.lm_head(model.model.norm(out))
 
 
-def mean_kl(reference: Tensor, logits: Tensor) -> float:
-    """Mean over tokens of KL(reference ‖ logits) of the softmax distributions."""
-    ref = F.log_softmax(reference.float().flatten(0, 1), -1)
-    got = F.log_softmax(logits.float().flatten(0, 1), -1)
-    return float(F.kl_div(got, ref, log_target=True, reduction="batchmean"))
-
-
 def rank_layers(
     model: LlamaForCausalLM,
     fit_states: LayerStates,
@@ -102,7 +95,7 @@ def rank_layers(
         prior = LinearPrior(x, target, model.config.rms_norm_eps)
         miss = (target - prior(x)).pow(2).sum() / target.pow(2).sum()
         logits = gated_logits(model, index, prior, eval_states.inputs[index], capacity, sinks)
-        results.append(LayerSensitivity(index, mean_kl(reference, logits), float(miss)))
+        results.append(LayerSensitivity(index, float(forward_kl(reference, logits)), float(miss)))
     return sorted(results, key=lambda r: r.kl)
 
 

@@ -130,12 +130,11 @@ def compute_loss(model, ids, args, teacher=None) -> tuple:
     total = lm
     parts = {"lm": lm.item()}
     if teacher is not None:
+        from subjective.model_registry.distil import forward_kl
+
         with torch.no_grad():
-            target = teacher(ids[:, :-1], logits="all").logits.flatten(0, 1).float()
-        kl = F.kl_div(
-            F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
-            reduction="batchmean",
-        )  # fmt: skip
+            target = teacher(ids[:, :-1], logits="all").logits
+        kl = forward_kl(target, logits)
         total = total + args.distill_weight * kl
         parts["distill_kl"] = kl.item()
     for name, value in out.aux.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 from subjective.paths import DEFAULT_MODEL
@@ -27,6 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-anonymous",
         action="store_true",
         help="serve requests without an API key (as key 'anonymous'); admin routes still need one",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs to spread the model over (vLLM)"
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=os.environ.get("SUBJECTIVE_ADMIN_KEY_FILE") or None,
+        help="a secret file whose key is stored as an admin key at start-up "
+        "(default: $SUBJECTIVE_ADMIN_KEY_FILE; make one with `subjective keys new-secret`)",
     )
     parser.add_argument(
         "--pricing",
@@ -64,6 +75,8 @@ def serve(args: argparse.Namespace) -> int:
         enforce_eager=args.eager,
         default_quality=args.default_quality,
         allow_anonymous=args.allow_anonymous,
+        tensor_parallel_size=args.tensor_parallel_size,
+        admin_key_file=args.admin_key_file,
         **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),
     )
     engine_died = False

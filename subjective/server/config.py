@@ -29,6 +29,10 @@ class ServerConfig:
     # Without a key, requests run as the `anonymous` key (`make serve` on a laptop); never
     # for admin routes.
     allow_anonymous: bool = False
+    # vLLM's tensor parallelism: GPUs one replica spreads the model over (1: no parallelism).
+    tensor_parallel_size: int = 1
+    # A file holding the first admin key's secret (admin_bootstrap.py); None: no such key.
+    admin_key_file: Path | None = None
     pricing: Pricing = field(default_factory=lambda: Pricing(default=DEFAULT_PRICE_PER_TFLOP))
 
 

@@ -65,9 +65,9 @@ def engine_kwargs(model_dir: str | Path, kv_capacity: float | None = None) -> di
     CPU runs in bfloat16 whatever the server's dtype (vLLM's CPU GDN kernels take nothing else).
 
     Gated models need: the row-tracking logits processor (per-request threshold and meter
-    slot reach the gates), no prefix caching (a cached block's KV depends on the threshold
-    that wrote it, and skipped prefix tokens would not be metered), and eager execution (the
-    gated forward has data-dependent shapes). `kv_capacity` overrides γ, the fraction of a
+    slot reach the gates) and no prefix caching (a cached block's KV depends on the threshold
+    that wrote it, and skipped prefix tokens would not be metered). Compiled or eager is the
+    caller's choice (compiled: `layers.Steps`). `kv_capacity` overrides γ, the fraction of a
     dense page a gated layer's KV pages hold (default: the checkpoint's routing capacity;
     1.0: dense pages, no capacity cap).
     """
@@ -82,7 +82,6 @@ def engine_kwargs(model_dir: str | Path, kv_capacity: float | None = None) -> di
     kwargs: dict[str, Any] = {
         "logits_processors": [REQUEST_ROWS],
         "enable_prefix_caching": False,
-        "enforce_eager": True,
     }
     if kv_capacity is not None:
         kwargs["hf_overrides"] = {"kv_capacity": float(kv_capacity)}

@@ -5,8 +5,9 @@ parameters by their reference names (`model.layers.N.prior...`); both come from 
 layout of `convert.py` (base by reference + `routing_adapter.safetensors`). Dense and Decision
 layers use vLLM's attention and paged KV as they are; gated layers attend over their compacted
 entries (`compact_attention`), in pages sized for the routing capacity γ (`kv_spec`; the
-`kv_capacity` hf override changes γ, 1 turns the smaller pages and their cap off). The forward
-runs eagerly (data-dependent shapes).
+`kv_capacity` hf override changes γ, 1 turns the smaller pages and their cap off). In vLLM's
+compiled mode the layers' shape-generic pieces are compiled (`layers.Steps`); routing stays
+eager (data-dependent shapes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.model_executor.models.llama import LlamaForCausalLM as VllmLlamaForCausalLM
 from vllm.sequence import IntermediateTensors
 
@@ -26,6 +27,7 @@ from subjective.model_registry.llama import RMSNorm, SwiGLU, is_base_parameter
 from subjective.model_registry.surprise import SurpriseGate
 from subjective.model_registry.vllm_plugin import layers as gated
 from subjective.model_registry.vllm_plugin.batch import current_batch
+from subjective.model_registry.vllm_plugin.folded import fold_dynamic, fold_temporal
 from subjective.model_registry.vllm_plugin.kv_spec import KV_CAPACITY_OVERRIDE, make_compacted
 from subjective.model_registry.vllm_plugin.meter import Meter
 from subjective.model_registry.vllm_plugin.requests import REGISTRY
@@ -96,6 +98,8 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
                 make_compacted(layer.self_attn.attn, kv_capacity)
         self.meter = Meter(self.spec)
         self.roles = layer_roles(self.spec)
+        compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+        self.steps = gated.Steps.compiled() if compiled else gated.Steps()
         routing, weight = self.spec.routing, next(self.parameters())
         REGISTRY.table.configure(
             gated=len(routing.gated_layers),
@@ -118,13 +122,13 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
         gate = None
         for layer, (role, slot) in zip(self.model.layers, self.roles, strict=True):
             if role == "decision":
-                h, gate = gated.decision(layer, slot, h, positions, batch)
+                h, gate = gated.decision(layer, slot, h, positions, batch, self.steps)
             elif role == "dynamic":
-                h = gated.dynamic(layer, slot, h, positions, batch, gate)
+                h = gated.dynamic(layer, slot, h, positions, batch, gate, self.steps)
             elif role == "temporal":
-                h = gated.temporal(layer, slot, h, positions, batch)
+                h = gated.temporal(layer, slot, h, positions, batch, self.steps)
             else:
-                h = gated.dense(layer, h, positions)
+                h = self.steps.dense(layer, h, positions)
         if batch is not None:
             self.meter.finish_step(batch, REGISTRY.table)
             batch.finish(REGISTRY.table)
@@ -145,6 +149,11 @@ class GatedLlamaForCausalLM(VllmLlamaForCausalLM):
                 if not is_base_parameter(name):
                     own[name].copy_(tensor.to(own[name].dtype))
                     loaded.add(name)
+        for layer, (role, _) in zip(self.model.layers, self.roles, strict=True):
+            if role == "dynamic":
+                fold_dynamic(layer)
+            elif role == "temporal":
+                fold_temporal(layer)
         return loaded
 
 
