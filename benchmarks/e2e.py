@@ -16,8 +16,8 @@ timed ones; a gated engine then runs one timed batch per setting:
 - `conservative`, `aggressive`: the checkpoint's quality levels.
 
 The hybrid (a quarter of the layers softmax, the rest Gated DeltaNet) runs one batch, setting
-`hybrid`; it needs bfloat16 and eager mode on a CPU (vLLM's CPU GDN kernels), so its other rows
-say `skipped`. Without `--models hybrid=DIR` it is hybridized from dense without training
+`hybrid`; it needs bfloat16 on a CPU (vLLM's CPU GDN kernels), so its float32 rows say
+`skipped`. Without `--models hybrid=DIR` it is hybridized from dense without training
 (speed does not depend on the weights).
 
 Reading a row: `tokens_per_s` = output tokens of the batch / its wall time (prefill included);

@@ -41,9 +41,9 @@ MODELS = {
     "SubjectiveHybridForCausalLM": "subjective.model_registry.vllm_plugin.hybrid:"
     "SubjectiveHybridForCausalLM",
 }
-# Hybrids (`hybrid.py`): vLLM's CPU GDN kernels run eager and without prefix caching (a cached
-# prefix would need the linear layers' state at each block boundary), in bfloat16 only.
-HYBRID_ENGINE_KWARGS: dict[str, Any] = {"enable_prefix_caching": False, "enforce_eager": True}
+# Hybrids (`hybrid.py`): no prefix caching (a cached prefix would need the linear layers' state
+# at each block boundary); eager or compiled (the same tokens, checked on CPU).
+HYBRID_ENGINE_KWARGS: dict[str, Any] = {"enable_prefix_caching": False}
 REQUEST_ROWS = "subjective.model_registry.vllm_plugin.requests:RequestRows"
 # What each request tells its gates through `SamplingParams.extra_args` (beside the meter's
 # slot and tag, `compute_slots`): its quality, and the threshold it runs with.
