@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from subjective.server.errors import APIError
 from subjective.server.generation import ChoiceDelta, TokenCounts
 from subjective.server.keys import ApiKey
 from subjective.server.ledger import Pricing, Status, UsageRecord, WriteResult
@@ -51,6 +52,7 @@ class BilledRequest:
         ticket: Ticket,
         billing: Billing,
         streamed: bool,
+        reserved: bool = False,
     ) -> None:
         self.request_id = request_id
         self.key = key
@@ -62,6 +64,8 @@ class BilledRequest:
         self.billing = billing
         # Only a stream sees tokens as they come: TTFT and time per token are its figures.
         self.streamed = streamed
+        # Its worst case is held against the key's budget until its record is stored.
+        self.reserved = reserved
         self.started_at = datetime.now(UTC)
         self._start = time.perf_counter()
         self._first_token: float | None = None
@@ -70,7 +74,9 @@ class BilledRequest:
         # Outputs never read (the client left before its stream began) mean nothing ran and
         # nothing settles: the compute slot alone goes back when the request is dropped.
         self._unsettled = [True]
-        weakref.finalize(self, _release_unused, billing.meter, ticket, self._unsettled)
+        weakref.finalize(
+            self, _release_unused, billing, ticket, (key.id, request_id, reserved), self._unsettled
+        )
         self._stored: Future[WriteResult] | None = None
 
     async def deltas(self, source: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
@@ -87,8 +93,20 @@ class BilledRequest:
         except (asyncio.CancelledError, GeneratorExit):
             status = Status.CANCELLED
             raise
+        except APIError as error:
+            if error.status < 500:  # vLLM refused the input: its engine never ran it
+                self.reject()
+            raise
         finally:
             self.settle(status)
+
+    def reject(self) -> None:
+        """The request never ran: no charge and no record; its compute slot goes back."""
+        if self.compute is not None:
+            return
+        self._unsettled[0] = False
+        self.compute = Compute()
+        _release(self.billing, self.ticket, (self.key.id, self.request_id, self.reserved))
 
     def settle(self, status: Status) -> None:
         """Meter, record and observe the request; later calls do nothing. Never blocks."""
@@ -116,7 +134,7 @@ class BilledRequest:
             finished_at=datetime.now(UTC),
             status=status,
         )
-        self._stored = billing.writer.submit(record)
+        self._stored = billing.writer.submit(record, reserved=self.reserved)
         first, last = (self._first_token, self._last_token) if self.streamed else (None, None)
         billing.metrics.observe_request(
             model=self.model,
@@ -163,6 +181,16 @@ class BilledRequest:
         )
 
 
-def _release_unused(meter: Meter, ticket: Ticket, unsettled: list[bool]) -> None:
+def _release(billing: Billing, ticket: Ticket, held: tuple[str, str, bool]) -> None:
+    """The compute slot, and the budget reservation if any, of a request that never ran."""
+    billing.meter.release(ticket)
+    key_id, request_id, reserved = held
+    if reserved:
+        billing.writer.release(key_id, request_id)
+
+
+def _release_unused(
+    billing: Billing, ticket: Ticket, held: tuple[str, str, bool], unsettled: list[bool]
+) -> None:
     if unsettled[0]:
-        meter.release(ticket)
+        _release(billing, ticket, held)

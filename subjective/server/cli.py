@@ -7,7 +7,12 @@ import contextlib
 from pathlib import Path
 
 from subjective.paths import DEFAULT_MODEL
-from subjective.server.config import QUALITY_LEVELS, ServerConfig, load_pricing
+from subjective.server.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    QUALITY_LEVELS,
+    ServerConfig,
+    load_pricing,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-anonymous",
         action="store_true",
         help="serve requests without an API key (as key 'anonymous'); admin routes still need one",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies are refused with 413 before they are read",
     )
     parser.add_argument(
         "--pricing",
@@ -64,6 +75,7 @@ def serve(args: argparse.Namespace) -> int:
         enforce_eager=args.eager,
         default_quality=args.default_quality,
         allow_anonymous=args.allow_anonymous,
+        max_body_bytes=args.max_body_bytes,
         **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),
     )
     engine_died = False

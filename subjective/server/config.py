@@ -11,6 +11,8 @@ from subjective.server.ledger.pricing import Pricing
 
 Quality = Literal["aggressive", "conservative"]
 QUALITY_LEVELS: tuple[Quality, ...] = ("aggressive", "conservative")
+# A full context of text, or 64 prompts of token ids, is far smaller.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ServerConfig:
     # Without a key, requests run as the `anonymous` key (`make serve` on a laptop); never
     # for admin routes.
     allow_anonymous: bool = False
+    # Larger request bodies are refused (413) before they are read or parsed.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     pricing: Pricing = field(default_factory=lambda: Pricing(default=DEFAULT_PRICE_PER_TFLOP))
 
 

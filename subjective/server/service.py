@@ -51,7 +51,8 @@ class Service:
         max_tokens: int | None,
         id_prefix: str,
     ) -> tuple[BilledRequest, AsyncGenerator[ChoiceDelta, None]]:
-        """Validate, admit (rate, budget), then start the request on the engine.
+        """Validate, admit (rate; budget: its worst case reserved), then start the request on
+        the engine.
 
         With the engine dead, or a request vLLM would refuse, nothing is counted or recorded
         (no rate-limit token spent, no compute slot kept)."""
@@ -65,13 +66,16 @@ class Service:
         extra_args: dict[str, object] = {EXTRA_ARG_QUALITY: quality, **ticket.extra_args()}
         if threshold is not None:
             extra_args[EXTRA_ARG_THRESHOLD] = threshold
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
             params = self.generator.sampling_params(body, budget, extra_args)
-            await self.authenticator.admit(key)
+            worst_case = self.billing.meter.worst_case(
+                [len(p) for p in prompts], body.n, budget, params.prompt_logprobs is not None
+            )
+            reserved = await self.authenticator.admit(key, request_id, worst_case)
         except BaseException:
             self.billing.meter.release(ticket)
             raise
-        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         run = BilledRequest(
             request_id=request_id,
             key=key,
@@ -86,6 +90,7 @@ class Service:
             ticket=ticket,
             billing=self.billing,
             streamed=body.stream,
+            reserved=reserved,
         )
         stream = self.generator.stream(request_id, prompts, params, generates=body.generates())
         return run, run.deltas(stream)

@@ -1,4 +1,6 @@
-"""Writes usage records to the ledger from one thread, off the event loop.
+"""Writes usage records to the ledger from one thread, off the event loop; then releases the
+request's budget reservation (its record counts instead; released after, so the request
+never counts for nothing in between).
 
 A request hands its record over with `submit`, which never blocks and never raises: that
 matters on a cancelled stream, where the request's task may not await anything any more.
@@ -13,6 +15,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from subjective.server.ledger import SpoolingLedger, UsageRecord, WriteResult
 from subjective.server.metrics import ServerMetrics
@@ -20,36 +23,64 @@ from subjective.server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Job:
+    record: UsageRecord
+    done: Future[WriteResult]
+    reserved: bool
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    api_key_id: str
+    request_id: str
+
+
 class UsageWriter:
     def __init__(self, ledger: SpoolingLedger, metrics: ServerMetrics) -> None:
         self.ledger = ledger
         self.metrics = metrics
-        self._queue: queue.Queue[tuple[UsageRecord, Future[WriteResult]] | None] = queue.Queue()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, record: UsageRecord) -> Future[WriteResult]:
+    def submit(self, record: UsageRecord, *, reserved: bool = False) -> Future[WriteResult]:
+        """Store `record`; with `reserved`, release its request's reservation after."""
         done: Future[WriteResult] = Future()
-        self._queue.put((record, done))
+        self._queue.put(_Job(record, done, reserved))
         return done
+
+    def release(self, api_key_id: str, request_id: str) -> None:
+        """Release the reservation of a request that leaves no record (it never ran)."""
+        self._queue.put(_Reservation(api_key_id, request_id))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            record, done = item
-            start = time.perf_counter()
-            try:
-                result = self.ledger.record(record)
-            except Exception as error:  # the spool itself failed: say so loudly
-                log.exception("usage record %s could not be stored", record.request_id)
-                self.metrics.observe_ledger_write(
-                    seconds=time.perf_counter() - start, outcome="failed"
-                )
-                done.set_exception(error)
+            if isinstance(item, _Reservation):
+                self._release(item)
                 continue
-            self.metrics.observe_ledger_write(
-                seconds=time.perf_counter() - start, outcome=result.value
-            )
-            done.set_result(result)
+            self._store(item)
+
+    def _release(self, held: _Reservation) -> None:
+        try:
+            self.ledger.release(held.api_key_id, held.request_id)
+        except Exception:  # it lapses at its expiry; meanwhile it holds budget, no more
+            log.warning("reservation of %s not released; it will lapse", held.request_id)
+
+    def _store(self, job: _Job) -> None:
+        record, done = job.record, job.done
+        start = time.perf_counter()
+        try:
+            result = self.ledger.record(record)
+        except Exception as error:  # the spool itself failed: say so loudly
+            log.exception("usage record %s could not be stored", record.request_id)
+            self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome="failed")
+            done.set_exception(error)
+            return
+        self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome=result.value)
+        if job.reserved:  # before the client hears back: its next request sees no stale hold
+            self._release(_Reservation(record.api_key_id, record.request_id))
+        done.set_result(result)
 
     def close(self) -> None:
         """Store every queued record, then stop."""
