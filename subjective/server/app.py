@@ -19,7 +19,7 @@ from subjective.model_registry.config import ModelConfig
 from subjective.server.account_routes import admin_router, usage_router
 from subjective.server.admission import AdmissionGate
 from subjective.server.auth import Authenticator
-from subjective.server.billed_request import Billing
+from subjective.server.billed_request import Billing, checkpoints
 from subjective.server.choices import CompletionChoices, chat_logprobs
 from subjective.server.config import ServerConfig
 from subjective.server.errors import (
@@ -33,6 +33,7 @@ from subjective.server.errors import (
     text_is_encodable,
 )
 from subjective.server.generation import ChoiceDelta, Generator
+from subjective.server.journal import open_journal
 from subjective.server.keys import open_key_store
 from subjective.server.ledger import open_server_ledger
 from subjective.server.meter import Meter
@@ -55,6 +56,7 @@ from subjective.server.protocol import (
     Usage,
 )
 from subjective.server.rate_limit import open_rate_limiter
+from subjective.server.recovery import recover_interrupted
 from subjective.server.service import CallerDep, Service, ServiceDep
 from subjective.server.threshold import ThresholdControl
 from subjective.server.usage_writer import UsageWriter
@@ -110,13 +112,18 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
             ledger = open_server_ledger()
             teardown.callback(ledger.close)
             ledger.start()
+            journal = open_journal()
+            teardown.callback(journal.close_db)
             slots = FrontEndSlots.create()
             teardown.callback(slots.close)
+            meter = Meter(model, slots)
+            # Requests a dead server left in flight: billed once, before anything new runs.
+            recover_interrupted(journal, ledger, meter, config.pricing)
             # The engine core (another process) finds the per-request compute table here.
             os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
             served_engine = build_engine(config)
             teardown.callback(served_engine.shutdown)
-            writer = UsageWriter(ledger, metrics)
+            writer = UsageWriter(ledger, metrics, journal)
             teardown.callback(writer.close)
             generator = Generator(
                 served_engine, AutoTokenizer.from_pretrained(config.model_dir), config
@@ -129,10 +136,12 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
                 authenticator=Authenticator(
                     keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
                 ),
-                billing=Billing(Meter(model, slots), config.pricing, writer, metrics),
+                billing=Billing(meter, config.pricing, writer, metrics, journal),
                 ledger=ledger,
                 created=int(time.time()),
             )
+            checkpointer = asyncio.create_task(checkpoints(app.state.service.billing))
+            teardown.callback(checkpointer.cancel)
             if on_engine_dead is not None:
                 watcher = asyncio.create_task(watch_engine(generator, on_engine_dead))
                 teardown.callback(watcher.cancel)

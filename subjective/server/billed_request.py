@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from subjective.server.errors import APIError
 from subjective.server.generation import ChoiceDelta, TokenCounts
+from subjective.server.journal import CHECKPOINT_S, Journal, JournalEntry
 from subjective.server.keys import ApiKey
 from subjective.server.ledger import Pricing, Status, UsageRecord, WriteResult
 from subjective.server.meter import Compute, Meter, Ticket
@@ -37,6 +39,28 @@ class Billing:
     pricing: Pricing
     writer: UsageWriter
     metrics: ServerMetrics
+    journal: Journal
+    # Token counts of the journaled requests still running, checkpointed by `checkpoints`.
+    in_flight: dict[str, TokenCounts] = field(default_factory=dict)
+
+
+async def checkpoints(billing: Billing, interval_s: float = CHECKPOINT_S) -> None:
+    """Checkpoint the token counts of running requests that changed, every `interval_s`."""
+    seen: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(interval_s)
+        progress = {}
+        for request_id, counts in billing.in_flight.items():
+            tokens = counts.total_completion_tokens
+            if seen.get(request_id) != tokens:
+                seen[request_id] = tokens
+                progress[request_id] = counts.to_dict()
+        seen = {request_id: seen[request_id] for request_id in billing.in_flight}
+        if progress:
+            try:
+                await asyncio.to_thread(billing.journal.checkpoint, progress)
+            except sqlite3.Error:
+                log.exception("checkpoint of %d requests failed", len(progress))
 
 
 class BilledRequest:
@@ -79,6 +103,29 @@ class BilledRequest:
         )
         self._stored: Future[WriteResult] | None = None
 
+    async def journaled(self) -> None:
+        """Journal the request (durably) before it runs: if this server dies, its next start
+        bills it. 503 if the journal cannot be written."""
+        entry = JournalEntry(
+            request_id=self.request_id,
+            api_key_id=self.key.id,
+            model=self.model,
+            quality=self.quality,
+            threshold=self.threshold,
+            started_at=self.started_at,
+            compute_table=str(self.billing.meter.slots.path),
+            slot=self.ticket.slot,
+            tag=self.ticket.tag,
+            reserved=self.reserved,
+        )
+        try:
+            await asyncio.to_thread(self.billing.journal.open, entry, self.counts.to_dict())
+        except sqlite3.Error as error:
+            self.reject()
+            log.error("journal write failed for %s: %s", self.request_id, error)
+            raise APIError(503, "The usage journal is unavailable; retry shortly.") from error
+        self.billing.in_flight[self.request_id] = self.counts
+
     async def deltas(self, source: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         status = Status.ERROR
         try:
@@ -114,6 +161,7 @@ class BilledRequest:
             return
         self._unsettled[0] = False
         billing = self.billing
+        billing.in_flight.pop(self.request_id, None)
         self.compute = billing.meter.close(self.ticket, self.counts.tallies())
         end = time.perf_counter()
         completion = self.counts.total_completion_tokens
@@ -182,11 +230,11 @@ class BilledRequest:
 
 
 def _release(billing: Billing, ticket: Ticket, held: tuple[str, str, bool]) -> None:
-    """The compute slot, and the budget reservation if any, of a request that never ran."""
+    """The compute slot, journal entry and budget reservation of a request that never ran."""
     billing.meter.release(ticket)
     key_id, request_id, reserved = held
-    if reserved:
-        billing.writer.release(key_id, request_id)
+    billing.in_flight.pop(request_id, None)
+    billing.writer.forget(key_id, request_id, reserved=reserved)
 
 
 def _release_unused(

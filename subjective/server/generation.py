@@ -94,6 +94,26 @@ class TokenCounts:
     def prompt_tokens(self) -> int:
         return sum(self.prompt_lengths)
 
+    def to_dict(self) -> dict:
+        """JSON-ready (the journal's checkpoint)."""
+        return {
+            "prompt_lengths": self.prompt_lengths,
+            "n": self.n,
+            "prompt_logprobs": self.prompt_logprobs,
+            "completion_tokens": dict(self.completion_tokens),
+            "cached_tokens": dict(self.cached_tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenCounts:
+        return cls(
+            prompt_lengths=list(data["prompt_lengths"]),
+            n=data["n"],
+            prompt_logprobs=data["prompt_logprobs"],
+            completion_tokens={int(k): v for k, v in data["completion_tokens"].items()},
+            cached_tokens={int(k): v for k, v in data["cached_tokens"].items()},
+        )
+
     @property
     def total_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())

@@ -111,7 +111,11 @@ class Meter:
             counts = self.slots.read(ticket.slot)
         finally:
             self.release(ticket)
-        if counts.metered:
+        return self.compute_of(counts, tallies)
+
+    def compute_of(self, counts: ComputeCounts | None, tallies: list[EngineTally]) -> Compute:
+        """From the worker's counts when it metered the request, else by count of tokens."""
+        if counts is not None and counts.metered:
             return sum((self.prompt_head(t) for t in tallies), Compute.of_counts(counts))
         return sum((self.dense_compute(t) for t in tallies), Compute())
 

@@ -92,6 +92,7 @@ class Service:
             streamed=body.stream,
             reserved=reserved,
         )
+        await run.journaled()
         stream = self.generator.stream(request_id, prompts, params, generates=body.generates())
         return run, run.deltas(stream)
 

@@ -1,6 +1,7 @@
 """Writes usage records to the ledger from one thread, off the event loop; then releases the
 request's budget reservation (its record counts instead; released after, so the request
-never counts for nothing in between).
+never counts for nothing in between) and closes its journal entry (once stored, a crash
+cannot lose it; a record the spool failed to take stays journaled, for the next start).
 
 A request hands its record over with `submit`, which never blocks and never raises: that
 matters on a cancelled stream, where the request's task may not await anything any more.
@@ -17,6 +18,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from subjective.server.journal import Journal
 from subjective.server.ledger import SpoolingLedger, UsageRecord, WriteResult
 from subjective.server.metrics import ServerMetrics
 
@@ -31,15 +33,17 @@ class _Job:
 
 
 @dataclass(frozen=True)
-class _Reservation:
+class _Forget:
     api_key_id: str
     request_id: str
+    reserved: bool
 
 
 class UsageWriter:
-    def __init__(self, ledger: SpoolingLedger, metrics: ServerMetrics) -> None:
+    def __init__(self, ledger: SpoolingLedger, metrics: ServerMetrics, journal: Journal) -> None:
         self.ledger = ledger
         self.metrics = metrics
+        self.journal = journal
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
@@ -50,22 +54,28 @@ class UsageWriter:
         self._queue.put(_Job(record, done, reserved))
         return done
 
-    def release(self, api_key_id: str, request_id: str) -> None:
-        """Release the reservation of a request that leaves no record (it never ran)."""
-        self._queue.put(_Reservation(api_key_id, request_id))
+    def forget(self, api_key_id: str, request_id: str, *, reserved: bool) -> None:
+        """A request that leaves no record (it never ran): release its reservation (if
+        `reserved`) and close its journal entry."""
+        self._queue.put(_Forget(api_key_id, request_id, reserved))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if isinstance(item, _Reservation):
-                self._release(item)
-                continue
-            self._store(item)
+            if isinstance(item, _Forget):
+                self._close(item)
+            else:
+                self._store(item)
 
-    def _release(self, held: _Reservation) -> None:
+    def _close(self, request: _Forget) -> None:
+        if request.reserved:
+            try:
+                self.ledger.release(request.api_key_id, request.request_id)
+            except Exception:  # it lapses at its expiry; meanwhile it holds budget, no more
+                log.warning("reservation of %s not released; it lapses", request.request_id)
         try:
-            self.ledger.release(held.api_key_id, held.request_id)
-        except Exception:  # it lapses at its expiry; meanwhile it holds budget, no more
-            log.warning("reservation of %s not released; it will lapse", held.request_id)
+            self.journal.close(request.request_id)
+        except Exception:  # recovered on the next start: its record is stored, no double
+            log.exception("journal entry of %s not closed", request.request_id)
 
     def _store(self, job: _Job) -> None:
         record, done = job.record, job.done
@@ -78,8 +88,8 @@ class UsageWriter:
             done.set_exception(error)
             return
         self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome=result.value)
-        if job.reserved:  # before the client hears back: its next request sees no stale hold
-            self._release(_Reservation(record.api_key_id, record.request_id))
+        # Before the client hears back: its next request sees no stale hold.
+        self._close(_Forget(record.api_key_id, record.request_id, job.reserved))
         done.set_result(result)
 
     def close(self) -> None:
