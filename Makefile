@@ -15,7 +15,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 DEBIAN_PACKAGES := redis-server prometheus python3.11-doc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test bench setup system-deps lint
+.PHONY: serve test bench loadtest faults setup system-deps lint
 
 serve: setup $(MODEL)/config.json $(GATED)
 	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000 --allow-anonymous
@@ -26,6 +26,10 @@ test: setup $(MODEL)/config.json data/validation.txt $(GATED)
 # End to end: dense vs SDT/STT through vLLM -> benchmarks/results/e2e_cpu.json and .png.
 bench: setup $(MODEL)/config.json data/validation.txt $(GATED)
 	$(VENV)/bin/python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
+
+# A bounded mixed load (loopback) on a local server -> benchmarks/results/load.json and .png.
+loadtest: setup $(MODEL)/config.json
+	$(VENV)/bin/python loadtests/mixed_load.py --serve $(MODEL)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -183,3 +183,14 @@ def test_a_client_leaving_a_non_streamed_request_aborts_and_bills_it_cancelled(
     assert rows[0]["status"] == "cancelled"
     assert 0 < rows[0]["completion_tokens"] < 1000
     assert rows[0]["flops"] > 0
+
+
+def test_metrics_want_a_key_and_nothing_loads_from_elsewhere(server: str, http):
+    assert error_of(httpx.get(f"{server}/metrics"), 401)["type"] == "authentication_error"
+    assert "subjective_requests" in http.get("/metrics").text
+    for page in ("/docs", "/redoc"):  # their pages load scripts from a CDN: not served
+        assert http.get(page).status_code == 404
+    # No trailing-slash redirect, so no Location built from a forged Host header.
+    moved = http.get("/v1/models/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert moved.status_code == 404
+    assert "location" not in moved.headers

@@ -18,7 +18,7 @@ from subjective.model_registry.compute_slots import FrontEndSlots
 from subjective.model_registry.config import ModelConfig
 from subjective.server.account_routes import admin_router, usage_router
 from subjective.server.admission import AdmissionGate
-from subjective.server.auth import Authenticator
+from subjective.server.auth import Authenticator, caller
 from subjective.server.billed_request import Billing, checkpoints
 from subjective.server.choices import CompletionChoices, chat_logprobs
 from subjective.server.config import ServerConfig
@@ -38,6 +38,7 @@ from subjective.server.keys import open_key_store
 from subjective.server.ledger import open_server_ledger
 from subjective.server.meter import Meter
 from subjective.server.metrics import ServerMetrics
+from subjective.server.openapi_errors import document_errors
 from subjective.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -147,8 +148,19 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
                 teardown.callback(watcher.cancel)
             yield
 
-    app = FastAPI(title="subjective", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: their pages load scripts from a CDN. No redirect to the path with
+    # or without a trailing slash: its Location would be built from the Host header.
+    app = FastAPI(
+        title="subjective",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     install_error_handlers(app)
+    document_errors(app)
+    metrics_access = [] if config.public_metrics else [Depends(caller)]
     # Inside the metrics middleware below (added later, so outer): its refusals are counted.
     app.add_middleware(AdmissionGate, max_body_bytes=config.max_body_bytes)
 
@@ -177,9 +189,10 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         _require_engine(service)
         return {"status": "ready"}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=metrics_access)
     async def metrics(service: ServiceDep) -> Response:
-        """Gauges are read from their sources at scrape time, then everything is rendered."""
+        """Gauges are read from their sources at scrape time, then everything is rendered.
+        Needs an API key unless the server runs with `--public-metrics`."""
         metrics = service.billing.metrics
         metrics.set_spool_depth(await asyncio.to_thread(service.ledger.spool_depth))
         if service.threshold.base is not None:

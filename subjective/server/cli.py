@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve requests without an API key (as key 'anonymous'); admin routes still need one",
     )
     parser.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without an API key (by default it wants one, as /v1 routes do)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -76,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
         default_quality=args.default_quality,
         allow_anonymous=args.allow_anonymous,
         max_body_bytes=args.max_body_bytes,
+        public_metrics=args.public_metrics,
         **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),
     )
     engine_died = False

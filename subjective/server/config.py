@@ -31,6 +31,8 @@ class ServerConfig:
     # Without a key, requests run as the `anonymous` key (`make serve` on a laptop); never
     # for admin routes.
     allow_anonymous: bool = False
+    # /metrics without an API key (a scraper on a private network); otherwise it wants one.
+    public_metrics: bool = False
     # Larger request bodies are refused (413) before they are read or parsed.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     pricing: Pricing = field(default_factory=lambda: Pricing(default=DEFAULT_PRICE_PER_TFLOP))

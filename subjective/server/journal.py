@@ -4,9 +4,10 @@ A request is journaled at admission, before its engine runs anything, with what 
 needs (key, model, quality, threshold, its compute-table row); its token counts are
 checkpointed while it runs (`CHECKPOINT_S`); its entry goes once its usage record is stored
 (ledger or spool). Entries left by a process that is gone are closed on the next start
-(`recover_interrupted`): one record each, status `interrupted`, billed for the work its
-compute-table row shows (the table is a file in /dev/shm: it outlives the process) or, for a
-model the plugin does not meter, for the tokens checkpointed. The ledger's idempotency by
+(`recover_interrupted`): one record each, the request's own if it had ended (written here
+before the ledger is tried), else status `interrupted`, billed for the work its compute-table
+row shows (the table is a file in /dev/shm: it outlives the process) or, for a model the
+plugin does not meter, for the tokens checkpointed. The ledger's idempotency by
 request id makes a recovery that is itself interrupted harmless: exactly one record each.
 
 One SQLite file (WAL, fsynced) may be shared by the servers of one machine: each entry names
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from subjective.server.ledger.record import UsageRecord
 from subjective.server.ledger.sqlite_connect import connect
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ CREATE TABLE IF NOT EXISTS in_flight (
     owner TEXT NOT NULL,           -- pid:start time of the server process
     entry TEXT NOT NULL,           -- JournalEntry as JSON
     counts TEXT NOT NULL,          -- the request's token counts, last checkpoint
-    checkpointed_us INTEGER NOT NULL
+    checkpointed_us INTEGER NOT NULL,
+    record TEXT                    -- its usage record once it ended, until stored
 );
 """
 
@@ -81,11 +84,13 @@ class JournalEntry:
 
 @dataclass(frozen=True)
 class Orphan:
-    """An entry whose server died: what recovery bills."""
+    """An entry whose server died (or stopped before storing its record): what recovery
+    bills. `record`: the request's own, if it ended before its server stopped."""
 
     entry: JournalEntry
     counts: dict
     checkpointed_at: datetime
+    record: UsageRecord | None
 
 
 class Journal:
@@ -104,7 +109,7 @@ class Journal:
         """Durable before the request runs."""
         with self._locked() as db:
             db.execute(
-                "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?, ?, NULL)",
                 (entry.request_id, self.owner, entry.to_json(), json.dumps(counts), _now_us()),
             )
 
@@ -125,6 +130,14 @@ class Journal:
                 raise
             db.execute("COMMIT")
 
+    def finish(self, record: UsageRecord) -> None:
+        """The request ended: its record, until the ledger (or spool) has it."""
+        with self._locked() as db:
+            db.execute(
+                "UPDATE in_flight SET record = ? WHERE request_id = ?",
+                (json.dumps(record.to_dict()), record.request_id),
+            )
+
     def close(self, request_id: str) -> None:
         """The request's record is stored (or it never ran): forget it."""
         with self._locked() as db:
@@ -134,17 +147,23 @@ class Journal:
         """Entries of servers no longer running."""
         with self._locked() as db:
             rows = db.execute(
-                "SELECT owner, entry, counts, checkpointed_us FROM in_flight"
+                "SELECT owner, entry, counts, checkpointed_us, record FROM in_flight"
             ).fetchall()
         alive: dict[str, bool] = {}
         found = []
-        for owner, entry, counts, checkpointed_us in rows:
+        for owner, entry, counts, checkpointed_us, record in rows:
             if owner not in alive:
                 pid = int(owner.split(":", 1)[0])
                 alive[owner] = owner == self.owner or process_owner(pid) == owner
             if not alive[owner]:
-                moment = datetime.fromtimestamp(checkpointed_us / 1e6, UTC)
-                found.append(Orphan(JournalEntry.from_json(entry), json.loads(counts), moment))
+                found.append(
+                    Orphan(
+                        JournalEntry.from_json(entry),
+                        json.loads(counts),
+                        datetime.fromtimestamp(checkpointed_us / 1e6, UTC),
+                        None if record is None else UsageRecord.from_dict(json.loads(record)),
+                    )
+                )
         return found
 
     def close_db(self) -> None:

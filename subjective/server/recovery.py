@@ -23,18 +23,19 @@ log = logging.getLogger(__name__)
 def recover_interrupted(
     journal: Journal, ledger: SpoolingLedger, meter: Meter, pricing: Pricing
 ) -> int:
-    """One `interrupted` record per orphaned journal entry (stored or spooled), then its entry
-    goes; returns how many. Shared-memory tables of dead servers are deleted after."""
+    """One record per orphaned journal entry (stored or spooled): the request's own if it had
+    ended, else an `interrupted` one; then its entry goes. Returns how many. Shared-memory
+    tables of dead servers are deleted after."""
     orphans = journal.orphans()
     for orphan in orphans:
-        ledger.record(interrupted_record(orphan, meter, pricing))
+        ledger.record(orphan.record or interrupted_record(orphan, meter, pricing))
         entry = orphan.entry
         if entry.reserved:
             with contextlib.suppress(LedgerUnavailable):  # else it lapses on its own
                 ledger.release(entry.api_key_id, entry.request_id)
         journal.close(entry.request_id)
     if orphans:
-        log.warning("billed %d requests interrupted by a server's death", len(orphans))
+        log.warning("billed %d requests a stopped server left unstored", len(orphans))
     for path in reclaim_left_tables():
         log.info("reclaimed %s, left by a dead server", path)
     return len(orphans)

@@ -1,7 +1,11 @@
 """Writes usage records to the ledger from one thread, off the event loop; then releases the
 request's budget reservation (its record counts instead; released after, so the request
-never counts for nothing in between) and closes its journal entry (once stored, a crash
-cannot lose it; a record the spool failed to take stays journaled, for the next start).
+never counts for nothing in between) and closes its journal entry.
+
+Each record is first written into its request's journal entry, so from then on a crash
+cannot lose it. A record neither the ledger nor its spool takes (Redis down and the spool's
+disk full) is retried every `RETRY_S` while the server runs; one still unstored when the
+server stops stays journaled, and the next start stores it.
 
 A request hands its record over with `submit`, which never blocks and never raises: that
 matters on a cancelled stream, where the request's task may not await anything any more.
@@ -23,6 +27,7 @@ from subjective.server.ledger import SpoolingLedger, UsageRecord, WriteResult
 from subjective.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,9 @@ class UsageWriter:
         self.ledger = ledger
         self.metrics = metrics
         self.journal = journal
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[_Job | _Forget | None] = queue.Queue()
+        self._unstored: list[_Job] = []  # retried every RETRY_S
+        self._retry_at = 0.0
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
 
@@ -60,11 +67,35 @@ class UsageWriter:
         self._queue.put(_Forget(api_key_id, request_id, reserved))
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            wait = max(0.0, self._retry_at - time.monotonic()) if self._unstored else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:  # time to retry
+                item = False
+            if item is None:
+                break
             if isinstance(item, _Forget):
                 self._close(item)
-            else:
+            elif isinstance(item, _Job):
+                self._journal(item.record)
                 self._store(item)
+            if self._unstored and time.monotonic() >= self._retry_at:
+                self._retry()
+        self._retry()
+        for job in self._unstored:
+            log.error("usage of %s left journaled for the next start", job.record.request_id)
+
+    def _retry(self) -> None:
+        unstored, self._unstored = self._unstored, []
+        for job in unstored:
+            self._store(job)
+
+    def _journal(self, record: UsageRecord) -> None:
+        try:
+            self.journal.finish(record)
+        except Exception:  # the journal still has the request's progress: billed anyway
+            log.exception("final usage of %s not journaled", record.request_id)
 
     def _close(self, request: _Forget) -> None:
         if request.reserved:
@@ -82,15 +113,20 @@ class UsageWriter:
         start = time.perf_counter()
         try:
             result = self.ledger.record(record)
-        except Exception as error:  # the spool itself failed: say so loudly
-            log.exception("usage record %s could not be stored", record.request_id)
+        except Exception as error:  # the spool itself failed: say so loudly, then retry
+            if not done.done():
+                log.exception("usage record %s could not be stored", record.request_id)
+                done.set_exception(error)
             self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome="failed")
-            done.set_exception(error)
+            if not self._unstored:
+                self._retry_at = time.monotonic() + RETRY_S
+            self._unstored.append(job)
             return
         self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome=result.value)
         # Before the client hears back: its next request sees no stale hold.
         self._close(_Forget(record.api_key_id, record.request_id, job.reserved))
-        done.set_result(result)
+        if not done.done():
+            done.set_result(result)
 
     def close(self) -> None:
         """Store every queued record, then stop."""
