@@ -19,8 +19,10 @@ from subjective.server.journal import CHECKPOINT_S, Journal
 from subjective.server.keys import open_key_store
 from subjective.server.ledger import UsageQuery, open_ledger
 from tests.conftest import SERVED_NAME
+from tests.fault_report import assert_clean, reconcile
 from tests.processes import server_process
 from tests.redis_server import RedisServer
+from tests.test_faults import check_views_agree
 
 pytestmark = pytest.mark.vllm
 STREAMS = 4
@@ -80,11 +82,12 @@ def test_a_killed_server_bills_its_streams_once_as_interrupted_on_restart(
 
     with server_process(model_dir, tmp_path, env) as (_, base_url):
         assert httpx.get(f"{base_url}/health").status_code == 200
+        check_views_agree(base_url, created.secret, redis_server.url, created.key.id)
     with open_ledger({"REDIS_URL": redis_server.url}) as ledger:
         records = ledger.usage(UsageQuery(api_key_id=created.key.id))
+    accepted = {request_id for request_id, _ in cut}
+    assert_clean(reconcile("server_sigkill", STREAMS, accepted, records))
     by_id = {record.request_id: record for record in records}
-    assert len(records) == len(by_id) == STREAMS
-    assert set(by_id) == {request_id for request_id, _ in cut}
     for request_id, chunks in cut:
         record = by_id[request_id]
         assert record.status.value == "interrupted"

@@ -19,6 +19,7 @@ from subjective.server.config import DEFAULT_MAX_BODY_BYTES
 from subjective.server.keys import KeyStore
 from subjective.server.meter import Meter
 from tests.conftest import SERVED_NAME
+from tests.fault_report import record_budget_overshoot
 from tests.test_server_billing import chat, client, usage_of, wait_for_records
 
 pytestmark = pytest.mark.vllm
@@ -165,6 +166,7 @@ def test_concurrent_requests_overshoot_a_budget_by_at_most_one_reservation(
     assert statuses.count(200) >= 1
     assert set(statuses) <= {200, 429}
     assert 429 in statuses  # without holds all 8 would run: ~8 requests' worth, ~3x the budget
+    record_budget_overshoot(max(0, spent - budget) / reservation)
     assert spent - budget <= reservation
 
 
