@@ -31,6 +31,15 @@ bench: setup $(MODEL)/config.json data/validation.txt $(GATED)
 loadtest: setup $(MODEL)/config.json
 	$(VENV)/bin/python loadtests/mixed_load.py --serve $(MODEL)
 
+# Fault scenarios (Redis, server and engine deaths, ledger timeouts, full spool, clients
+# leaving), the fuzzer and the budget race on real servers -> benchmarks/results/faults.json.
+FAULT_TESTS := tests/test_faults.py tests/test_server_crash.py tests/test_server_engine_death.py \
+	tests/test_server_fuzz.py \
+	tests/test_server_hostile.py::test_concurrent_requests_overshoot_a_budget_by_at_most_one_reservation
+faults: setup $(MODEL)/config.json
+	rm -f benchmarks/results/faults.json
+	SUBJECTIVE_FAULTS_REPORT=benchmarks/results/faults.json $(VENV)/bin/python -m pytest -q $(FAULT_TESTS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

@@ -177,10 +177,9 @@ def full_disk(folder: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
     try:
         filler = folder / "filler"
-        with filler.open("wb") as out, pytest.raises(OSError):
+        with filler.open("wb", buffering=0) as out, pytest.raises(OSError):
             while True:
                 out.write(b"\0" * 4096)
-                out.flush()
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
