@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -69,9 +70,15 @@ class Service:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
             params = self.generator.sampling_params(body, budget, extra_args)
-            worst_case = self.billing.meter.worst_case(
-                [len(p) for p in prompts], body.n, budget, params.prompt_logprobs is not None
-            )
+            worst_case = 0  # only a key with a budget needs it (a count, off the event loop)
+            if key.flops_budget is not None:
+                worst_case = await asyncio.to_thread(
+                    self.billing.meter.worst_case,
+                    [len(p) for p in prompts],
+                    body.n,
+                    budget,
+                    params.prompt_logprobs is not None,
+                )
             reserved = await self.authenticator.admit(key, request_id, worst_case)
         except BaseException:
             self.billing.meter.release(ticket)
