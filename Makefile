@@ -12,7 +12,8 @@ GATED := models/SmolLM2-SDT/config.json models/SmolLM2-STT/config.json
 TORCH := torch==2.13.0+cpu
 # PyPI holds only CUDA builds of torch; the CPU build comes from PyTorch's own index.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-DEBIAN_PACKAGES := redis-server prometheus python3.11-doc
+# chromium: the usage page's browser test (Playwright drives Debian's build, never downloads one).
+DEBIAN_PACKAGES := redis-server prometheus python3.11-doc chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test bench loadtest faults setup system-deps lint

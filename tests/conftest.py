@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from subjective.server.keys import KeyStore, open_key_store  # noqa: E402
+from subjective.server.keys import KeyStore, new_secret, open_key_store  # noqa: E402
 from tests.processes import REPO, serving  # noqa: E402
 from tests.redis_server import RedisServer, redis_server  # noqa: E402, F401 - a fixture for all
 
@@ -76,14 +76,26 @@ def server_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(model_dir: Path, server_state: Path, server_redis: RedisServer) -> Iterator[str]:
+def bootstrap_admin_secret(server_state: Path) -> str:
+    """The admin key the test server stores from its --admin-key-file at start-up."""
+    secret = new_secret()
+    (server_state / "admin-key").write_text(secret + "\n")
+    return secret
+
+
+@pytest.fixture(scope="session")
+def server(
+    model_dir: Path, server_state: Path, server_redis: RedisServer, bootstrap_admin_secret: str
+) -> Iterator[str]:
     """`subjective serve` on the real model (eager vLLM), as users run it; yields its base URL.
 
-    Keys and usage live in `server_redis`; requests need a key (`user_secret`)."""
+    Keys and usage live in `server_redis`; requests need a key (`user_secret`); the operator's
+    first admin key comes from a secret file (`bootstrap_admin_secret`)."""
     pricing = server_state / "pricing.json"
     pricing.write_text(f'{{"per_tflop": {{"{SERVED_NAME}": "{SERVER_PRICE_PER_TFLOP}"}}}}')
     env = {"REDIS_URL": server_redis.url, "SUBJECTIVE_SPOOL_DIR": str(server_state / "spool")}
-    with serving(model_dir, server_state, env, "--pricing", str(pricing)) as base_url:
+    options = ("--pricing", str(pricing), "--admin-key-file", str(server_state / "admin-key"))
+    with serving(model_dir, server_state, env, *options) as base_url:
         yield base_url
 
 

@@ -101,6 +101,10 @@ def server_process(
     try:
         wait_until_ok(f"{base_url}/health", process, log_path, timeout_s, poll_s=1)
         yield process, base_url
+    except BaseException:
+        # pytest shows a failed test's output: the server's side of the story.
+        print(f"--- {log_path} (tail) ---\n{_tail(log_path)}")
+        raise
     finally:
         _stop_group(process)
 

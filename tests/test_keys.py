@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from subjective.server import keys as keys_module
+from subjective.server.admin_bootstrap import BOOTSTRAP_KEY_NAME, adopt_admin_key_file
 from subjective.server.keys import (
     SECRET_PREFIX,
     ApiKey,
@@ -196,3 +197,39 @@ def test_keys_cli(
     store.close()
     with pytest.raises(SystemExit):
         parser.parse_args(["keys", "create", "--name", "x", "--flops-budget", "1.5"])
+
+
+def test_admin_key_file_is_adopted_once(
+    store: KeyStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="subjective")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["keys", "new-secret"])
+    assert args.handler(args) == 0
+    secret = capsys.readouterr().out.strip()
+    assert store.verify(secret) is None  # new-secret stores nothing
+    path = tmp_path / "admin-key"
+    path.write_text(secret + "\n")  # as `echo` writes it
+    adopted = adopt_admin_key_file(store, path)
+    assert adopted is not None and adopted.admin and adopted.name == BOOTSTRAP_KEY_NAME
+    assert store.verify(secret) == adopted
+    assert adopt_admin_key_file(store, path) is None  # a restart adds nothing
+    assert [k.id for k in store.list()] == [adopted.id]
+    assert store.revoke(adopted.id)
+    assert adopt_admin_key_file(store, path) is None
+    assert store.verify(secret) is None  # revoked stays revoked across restarts
+
+
+@pytest.mark.parametrize(
+    "content",
+    [None, "", "not-a-key", f"{SECRET_PREFIX}key_1.short", f"{SECRET_PREFIX}.{'x' * 40}"],
+)
+def test_admin_key_file_refuses_what_is_not_a_secret(
+    store: KeyStore, tmp_path: Path, content: str | None
+) -> None:
+    path = tmp_path / "admin-key"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=str(path)):
+        adopt_admin_key_file(store, path)
+    assert store.list() == []

@@ -39,8 +39,15 @@ EXIT_TIMEOUT_S = 60.0
 
 
 def client(base_url: str, secret: str) -> httpx.Client:
+    """A client that opens a connection per request: a kept-alive one can be closed by the
+    server's idle timeout just as the next poll is sent, on a loaded machine."""
     headers = {"authorization": f"Bearer {secret}"}
-    return httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S)
+    return httpx.Client(
+        base_url=base_url,
+        headers=headers,
+        timeout=REQUEST_TIMEOUT_S,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
 
 
 def streamed_lines(base_url: str, secret: str, first_chunk: Event) -> list[str]:

@@ -17,6 +17,7 @@ from subjective.model_registry.compute_slots import ENV_VAR as COMPUTE_SLOTS_ENV
 from subjective.model_registry.compute_slots import FrontEndSlots
 from subjective.model_registry.config import ModelConfig
 from subjective.server.account_routes import admin_router, usage_router
+from subjective.server.admin_bootstrap import adopt_admin_key_file
 from subjective.server.admission import AdmissionGate
 from subjective.server.auth import Authenticator, caller
 from subjective.server.billed_request import Billing, checkpoints
@@ -60,6 +61,7 @@ from subjective.server.rate_limit import open_rate_limiter
 from subjective.server.recovery import recover_interrupted
 from subjective.server.service import CallerDep, Service, ServiceDep
 from subjective.server.threshold import ThresholdControl
+from subjective.server.usage_page import install_usage_page
 from subjective.server.usage_writer import UsageWriter
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         with ExitStack() as teardown:
             keys = open_key_store()
             teardown.callback(keys.close)
+            if config.admin_key_file is not None:
+                adopt_admin_key_file(keys, config.admin_key_file)
             ledger = open_server_ledger()
             teardown.callback(ledger.close)
             ledger.start()
@@ -329,6 +333,7 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
     app.include_router(usage_router)
     app.include_router(admin_router)
+    install_usage_page(app)
     return app
 
 

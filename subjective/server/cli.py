@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 from subjective.paths import DEFAULT_MODEL
@@ -45,6 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="larger request bodies are refused with 413 before they are read",
     )
     parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs to spread the model over (vLLM)"
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=os.environ.get("SUBJECTIVE_ADMIN_KEY_FILE") or None,
+        help="a secret file whose key is stored as an admin key at start-up "
+        "(default: $SUBJECTIVE_ADMIN_KEY_FILE; make one with `subjective keys new-secret`)",
+    )
+    parser.add_argument(
         "--pricing",
         type=Path,
         help='JSON {"currency", "default", "per_tflop": {model: rate}}; rates per TFLOP as strings',
@@ -82,6 +93,8 @@ def serve(args: argparse.Namespace) -> int:
         allow_anonymous=args.allow_anonymous,
         max_body_bytes=args.max_body_bytes,
         public_metrics=args.public_metrics,
+        tensor_parallel_size=args.tensor_parallel_size,
+        admin_key_file=args.admin_key_file,
         **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),
     )
     engine_died = False

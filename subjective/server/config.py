@@ -35,6 +35,10 @@ class ServerConfig:
     public_metrics: bool = False
     # Larger request bodies are refused (413) before they are read or parsed.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # vLLM's tensor parallelism: GPUs one replica spreads the model over (1: no parallelism).
+    tensor_parallel_size: int = 1
+    # A file holding the first admin key's secret (admin_bootstrap.py); None: no such key.
+    admin_key_file: Path | None = None
     pricing: Pricing = field(default_factory=lambda: Pricing(default=DEFAULT_PRICE_PER_TFLOP))
 
 

@@ -29,6 +29,12 @@ def build_engine(config: ServerConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config)))
+
+
+def engine_args(config: ServerConfig) -> dict:
+    """vLLM's engine arguments for `config`: one worker in the engine core's process, or one
+    per GPU (vLLM's multiprocessing executor) when the model is split by tensor parallelism."""
     from subjective.model_registry.vllm_plugin import engine_kwargs
 
     args = {
@@ -37,11 +43,12 @@ def build_engine(config: ServerConfig):
         "dtype": config.dtype,
         "max_model_len": config.max_model_len,
         "enforce_eager": config.enforce_eager,
-        "distributed_executor_backend": "uni",
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "distributed_executor_backend": "uni" if config.tensor_parallel_size == 1 else "mp",
     }
     # What our model plugin needs for this folder (gated models: its request tracking).
     args.update(engine_kwargs(config.model_dir))
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    return args
 
 
 async def watch_engine(

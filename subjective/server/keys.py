@@ -26,6 +26,8 @@ from subjective.server.ledger.sqlite_connect import connect
 
 SECRET_PREFIX = "sk-subj-"
 DEFAULT_KEYS_PATH = Path("var/keys.sqlite3")
+# An adopted secret's random part: at least what 192 bits take in URL-safe base64.
+MIN_RANDOM_CHARS = 32
 BudgetPeriod = Literal["hour", "day", "month"]
 BUDGET_PERIODS: tuple[BudgetPeriod, ...] = ("hour", "day", "month")
 # Compared against when a secret names no stored key, so a miss costs what a hit costs.
@@ -104,7 +106,7 @@ class KeyStore:
             if limit is not None and limit < 0:
                 raise ValueError(f"{label} must not be negative")
         key = ApiKey(
-            id=f"key_{secrets.token_hex(8)}",
+            id=_new_key_id(),
             name=name,
             admin=admin,
             rpm=rpm,
@@ -112,9 +114,25 @@ class KeyStore:
             budget_period=budget_period,
             created_at=datetime.now(UTC),
         )
-        secret = f"{SECRET_PREFIX}{key.id}.{secrets.token_urlsafe(32)}"
+        secret = new_secret(key.id)
         self.storage.insert(key, _hash(secret))
         return CreatedKey(key, secret)
+
+    def adopt(self, secret: str, name: str, admin: bool = False) -> ApiKey | None:
+        """Store a key for a secret made elsewhere (`new_secret`: the bootstrap admin key
+        from a secret file), hashed like the others. The id is the one the secret names;
+        None if that id is already stored, so a revoked one stays revoked."""
+        key_id = _key_id(secret)
+        if key_id is None or len(secret.partition(".")[2]) < MIN_RANDOM_CHARS:
+            raise ValueError(
+                f"not a key secret: expected {SECRET_PREFIX}<key id>.<{MIN_RANDOM_CHARS}+ random"
+                " characters> (`subjective keys new-secret` makes one)"
+            )
+        if self.storage.get(key_id) is not None:
+            return None
+        key = ApiKey(id=key_id, name=name, admin=admin, created_at=datetime.now(UTC))
+        self.storage.insert(key, _hash(secret))
+        return key
 
     def verify(self, secret: str) -> ApiKey | None:
         """The active key this secret belongs to, else None (unknown, malformed, revoked)."""
@@ -139,6 +157,15 @@ class KeyStore:
 
     def close(self) -> None:
         self.storage.close()
+
+
+def new_secret(key_id: str | None = None) -> str:
+    """A fresh secret for `key_id` (default: a new random id); nothing is stored."""
+    return f"{SECRET_PREFIX}{key_id or _new_key_id()}.{secrets.token_urlsafe(32)}"
+
+
+def _new_key_id() -> str:
+    return f"key_{secrets.token_hex(8)}"
 
 
 def _hash(secret: str) -> bytes:
@@ -317,5 +344,6 @@ __all__ = [
     "KeyStoreUnavailable",
     "RedisKeyStorage",
     "SQLiteKeyStorage",
+    "new_secret",
     "open_key_store",
 ]

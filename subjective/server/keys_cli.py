@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from subjective.server.keys import BUDGET_PERIODS, ApiKey, open_key_store
+from subjective.server.keys import BUDGET_PERIODS, ApiKey, new_secret, open_key_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.set_defaults(handler=revoke_key)
     listing = commands.add_parser("list", help="list keys (never their secrets)")
     listing.set_defaults(handler=list_keys)
+    secret = commands.add_parser(
+        "new-secret", help="print a fresh secret for `serve --admin-key-file`; stores nothing"
+    )
+    secret.set_defaults(handler=print_new_secret)
 
 
 def create_key(args: argparse.Namespace) -> int:
@@ -61,6 +65,11 @@ def list_keys(args: argparse.Namespace) -> int:
     print("id\tname\tadmin\trpm\tflops_budget\tperiod\tcreated_at\tstatus")
     for key in keys:
         print("\t".join(_columns(key)))
+    return 0
+
+
+def print_new_secret(args: argparse.Namespace) -> int:
+    print(new_secret())
     return 0
 
 
