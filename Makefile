@@ -36,7 +36,8 @@ loadtest: setup $(MODEL)/config.json
 # leaving), the fuzzer and the budget race on real servers -> benchmarks/results/faults.json.
 FAULT_TESTS := tests/test_faults.py tests/test_server_crash.py tests/test_server_engine_death.py \
 	tests/test_server_fuzz.py \
-	tests/test_server_hostile.py::test_concurrent_requests_overshoot_a_budget_by_at_most_one_reservation
+	tests/test_server_hostile.py::test_concurrent_requests_overshoot_a_budget_by_at_most_one_reservation \
+	tests/test_server_hostile.py::test_a_body_over_the_limit_is_413_and_health_stays_fast
 faults: setup $(MODEL)/config.json
 	rm -f benchmarks/results/faults.json
 	SUBJECTIVE_FAULTS_REPORT=benchmarks/results/faults.json $(VENV)/bin/python -m pytest -q $(FAULT_TESTS)

@@ -45,7 +45,7 @@ class Outcome:
     quality: str
     prompt_sentences: int
     status: str  # "ok" | "left" (the client went away on purpose) | an error name
-    ttft_s: float | None  # first content (a non-streamed request: the whole answer)
+    ttft_s: float | None  # to the first content; streams only
     latency_s: float
     completion_tokens: int
 
@@ -110,7 +110,6 @@ async def one_request(
                 status = "left"
         else:
             response = await call
-            first = time.perf_counter()
             tokens = response.usage.completion_tokens if response.usage else 0
     except openai.APIStatusError as error:
         status = f"http_{error.status_code}"

@@ -106,3 +106,8 @@ def record_fuzz(cases: int, server_errors: int) -> None:
 
 def record_budget_overshoot(ratio: float) -> None:
     _update({"budget_overshoot_ratio": ratio})
+
+
+def record_health_latency(p99_s: float) -> None:
+    """`/health`'s p99 while 20 MiB bodies are being refused."""
+    _update({"health_p99_ms_during_20mib_body": round(p99_s * 1000, 2)})

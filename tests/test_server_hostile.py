@@ -19,7 +19,7 @@ from subjective.server.config import DEFAULT_MAX_BODY_BYTES
 from subjective.server.keys import KeyStore
 from subjective.server.meter import Meter
 from tests.conftest import SERVED_NAME
-from tests.fault_report import record_budget_overshoot
+from tests.fault_report import record_budget_overshoot, record_health_latency
 from tests.test_server_billing import chat, client, usage_of, wait_for_records
 
 pytestmark = pytest.mark.vllm
@@ -104,12 +104,15 @@ def test_a_body_over_the_limit_is_413_and_health_stays_fast(server: str, user_se
     body = b'{"model": "x", "prompt": "' + b"a" * (20 * 1024 * 1024) + b'"}'
     headers = {"authorization": f"Bearer {user_secret}", "content-type": "application/json"}
     health: list[int] = []
+    seconds: list[float] = []
     stop = threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=server, timeout=10) as prober:
             while not stop.is_set():
+                start = time.perf_counter()
                 health.append(prober.get("/health").status_code)
+                seconds.append(time.perf_counter() - start)
 
     with ThreadPoolExecutor(2) as pool:
         probing = pool.submit(probe)
@@ -119,19 +122,17 @@ def test_a_body_over_the_limit_is_413_and_health_stays_fast(server: str, user_se
             for start in range(0, len(body), 1 << 20):
                 yield body[start : start + (1 << 20)]
 
-        try:
-            chunked = httpx.post(
-                f"{server}/v1/completions", content=chunks(), headers=headers, timeout=60
-            )
-            chunked_status = chunked.status_code
-        except httpx.HTTPError:  # the server may close before the upload ends
-            chunked_status = 413
+        chunked = httpx.post(
+            f"{server}/v1/completions", content=chunks(), headers=headers, timeout=60
+        )
         stop.set()
         probing.result()
     error = error_of(declared, 413)
     assert str(DEFAULT_MAX_BODY_BYTES) in error["message"]
-    assert chunked_status == 413
+    assert error_of(chunked, 413)["message"] == error["message"]
     assert health and set(health) == {200}
+    seconds.sort()  # a figure for the report; speed targets are not asserted in tests
+    record_health_latency(seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))])
 
 
 def test_the_key_is_checked_before_the_body_is_read(server: str):
@@ -196,3 +197,11 @@ def test_metrics_want_a_key_and_nothing_loads_from_elsewhere(server: str, http):
     moved = http.get("/v1/models/", headers={"host": "evil.example"}, follow_redirects=False)
     assert moved.status_code == 404
     assert "location" not in moved.headers
+
+
+def test_admin_threshold_update_is_strict_too(server: str, admin_secret: str):
+    with client(server, admin_secret) as admin:
+        refused = [({"threshold": "0.3"}, "threshold"), ({"threshold": 0.3, "extra": 1}, "extra")]
+        for body, param in refused:
+            error = error_of(admin.put("/admin/v1/threshold", json=body))
+            assert error["param"] == param
