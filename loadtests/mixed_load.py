@@ -276,9 +276,9 @@ def main() -> None:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--api-key", help="key to send (none: an --allow-anonymous server)")
     parser.add_argument(
-        "--stages", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4, 8]
+        "--stages", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4, 8, 16, 32]
     )
-    parser.add_argument("--stage-seconds", type=float, default=60.0)
+    parser.add_argument("--stage-seconds", type=float, default=45.0)
     parser.add_argument("--leave-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0)

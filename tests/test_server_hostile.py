@@ -100,7 +100,11 @@ def test_an_oversized_prompt_is_refused_from_its_byte_length(http):
     assert "bytes" in error["message"]
 
 
-def test_a_body_over_the_limit_is_413_and_health_stays_fast(server: str, user_secret: str):
+def test_a_body_over_the_limit_is_413_and_health_stays_fast(
+    server: str, user_secret: str, server_state: Path
+):
+    log = server_state / "server.log"
+    refused_before = log.read_text(errors="replace").count('" 413 ')
     body = b'{"model": "x", "prompt": "' + b"a" * (20 * 1024 * 1024) + b'"}'
     headers = {"authorization": f"Bearer {user_secret}", "content-type": "application/json"}
     health: list[int] = []
@@ -122,14 +126,19 @@ def test_a_body_over_the_limit_is_413_and_health_stays_fast(server: str, user_se
             for start in range(0, len(body), 1 << 20):
                 yield body[start : start + (1 << 20)]
 
-        chunked = httpx.post(
-            f"{server}/v1/completions", content=chunks(), headers=headers, timeout=60
-        )
+        try:
+            chunked = httpx.post(
+                f"{server}/v1/completions", content=chunks(), headers=headers, timeout=60
+            )
+            assert error_of(chunked, 413)["code"] == "request_too_large"
+        except httpx.TransportError:  # the server answered and closed while we still sent
+            pass
         stop.set()
         probing.result()
     error = error_of(declared, 413)
     assert str(DEFAULT_MAX_BODY_BYTES) in error["message"]
-    assert error_of(chunked, 413)["message"] == error["message"]
+    # Both refused with 413, whether or not the client got to read the second answer.
+    assert log.read_text(errors="replace").count('" 413 ') == refused_before + 2
     assert health and set(health) == {200}
     seconds.sort()  # a figure for the report; speed targets are not asserted in tests
     record_health_latency(seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))])

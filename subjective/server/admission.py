@@ -12,11 +12,10 @@ The identified key is left in the request's state for the routes' `caller` depen
 
 from __future__ import annotations
 
-from fastapi import HTTPException
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from subjective.server.errors import APIError, error_response
+from subjective.server.errors import APIError, BodyTooLarge, error_response
 
 KEYED_PREFIXES = ("/v1/", "/admin/")
 STATE_KEY = "api_key"
@@ -47,7 +46,8 @@ class AdmissionGate:
     def _check_declared_size(self, scope: Scope) -> None:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _too_large(self.max_body_bytes)
+            too_large = BodyTooLarge(self.max_body_bytes)
+            raise APIError(413, too_large.detail, code=too_large.code)
 
     async def _identify(self, scope: Scope) -> None:
         authenticator = scope["app"].state.service.authenticator
@@ -68,15 +68,7 @@ class AdmissionGate:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise HTTPException(413, _too_large(limit).message)
+                    raise BodyTooLarge(limit)
             return message
 
         return limited
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"The request body is larger than this server accepts ({limit} bytes).",
-        code="request_too_large",
-    )

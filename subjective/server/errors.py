@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +36,17 @@ CLIENT_GONE = 499
 
 class ClientGone(Exception):
     """The client of a non-streamed request disconnected before its answer."""
+
+
+class BodyTooLarge(HTTPException):
+    """A body over the server's limit, found while it is read (FastAPI lets an HTTPException
+    raised there through; any other error would become a 400)."""
+
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        message = f"The request body is larger than this server accepts ({limit} bytes)."
+        super().__init__(413, message)
 
 
 class APIError(Exception):
@@ -187,7 +198,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+        code = BodyTooLarge.code if isinstance(exc, BodyTooLarge) else None
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, __: ClientGone) -> Response:
