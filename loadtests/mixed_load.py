@@ -289,7 +289,9 @@ def main() -> None:
     if args.serve is not None:
         args.model = args.serve.name
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        with local_server(args.serve, args.output.with_suffix(".server.log")) as base_url:
+        log_path = Path("var/loadtest-server.log")  # var/: local state, not committed
+        log_path.parent.mkdir(exist_ok=True)
+        with local_server(args.serve, log_path) as base_url:
             outcomes = asyncio.run(run_stages(args, base_url))
     else:
         if urlsplit(args.base_url).hostname not in LOOPBACK:
