@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from subjective.server.keys import KeyStore, open_key_store
 from subjective.server.ledger import open_ledger
@@ -72,14 +74,33 @@ def settled(
             time.sleep(0.2)
 
 
-def check_views_agree(base_url: str, secret: str, redis_url: str, key_id: str) -> None:
-    """`/v1/usage` and a billing export list exactly the ledger's records."""
+def requests_counted(base_url: str, secret: str) -> Counter:
+    """The server's `subjective_requests_total`, by status (all models and qualities)."""
+    with client(base_url, secret) as http:
+        text = http.get("/metrics").text
+    counted: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "subjective_requests_total":
+                counted[sample.labels["status"]] += int(sample.value)
+    return counted
+
+
+def check_views_agree(
+    base_url: str, secret: str, redis_url: str, key_id: str, counted_before: Counter | None
+) -> None:
+    """`/v1/usage` and a billing export list exactly the ledger's records; with
+    `counted_before` (the server's request counters before the scenario, which ran alone),
+    the counters grew by the records' statuses."""
     with open_ledger({"REDIS_URL": redis_url}) as ledger:
-        stored = sorted(r.request_id for r in key_records(ledger, key_id))
+        records = key_records(ledger, key_id)
         exported = sorted(exported_ids(ledger, key_id, cursor=f"faults-{key_id}"))
     with client(base_url, secret) as http:
         listed = sorted(row["request_id"] for row in usage_of(http, limit=1000)["data"])
-    assert stored == listed == exported
+    assert sorted(r.request_id for r in records) == listed == exported
+    if counted_before is not None:
+        grown = requests_counted(base_url, secret) - counted_before
+        assert grown == Counter(r.status.value for r in records)
 
 
 def mixed_batch(
@@ -116,6 +137,7 @@ def test_redis_killed_and_restarted_mid_batch(
     server: str, key_store: KeyStore, server_redis: RedisServer
 ) -> None:
     created = key_store.create("fault-redis-kill")
+    before = requests_counted(server, created.secret)
 
     def kill_and_restart() -> None:
         server_redis.stop(signal.SIGKILL)
@@ -125,13 +147,14 @@ def test_redis_killed_and_restarted_mid_batch(
     accepted = mixed_batch(server, created.secret, kill_and_restart)
     records = settled(server_redis.url, created.key.id, len(accepted))
     assert_clean(reconcile("redis_sigkill", len(accepted), accepted, records))
-    check_views_agree(server, created.secret, server_redis.url, created.key.id)
+    check_views_agree(server, created.secret, server_redis.url, created.key.id, before)
 
 
 def test_redis_frozen_mid_batch_so_ledger_writes_time_out(
     server: str, key_store: KeyStore, server_redis: RedisServer
 ) -> None:
     created = key_store.create("fault-redis-freeze")
+    before = requests_counted(server, created.secret)
     assert server_redis.process is not None
     pid = server_redis.process.pid
 
@@ -143,13 +166,14 @@ def test_redis_frozen_mid_batch_so_ledger_writes_time_out(
     accepted = mixed_batch(server, created.secret, freeze)
     records = settled(server_redis.url, created.key.id, len(accepted))
     assert_clean(reconcile("ledger_timeout", len(accepted), accepted, records))
-    check_views_agree(server, created.secret, server_redis.url, created.key.id)
+    check_views_agree(server, created.secret, server_redis.url, created.key.id, before)
 
 
 def test_clients_leaving_streams_and_plain_requests(
     server: str, key_store: KeyStore, server_redis: RedisServer
 ) -> None:
     created = key_store.create("fault-disconnect")
+    before = requests_counted(server, created.secret)
     body = {**COUNT, "max_tokens": 400}
 
     def plain_left() -> None:
@@ -167,7 +191,7 @@ def test_clients_leaving_streams_and_plain_requests(
     scenario = reconcile("client_disconnect", 6, named, records, accepted_unnamed=2)
     assert_clean(scenario)
     assert sorted(r.status.value for r in records) == ["cancelled"] * 5 + ["completed"]
-    check_views_agree(server, created.secret, server_redis.url, created.key.id)
+    check_views_agree(server, created.secret, server_redis.url, created.key.id, before)
 
 
 @contextmanager
@@ -211,4 +235,5 @@ def test_spool_disk_full_while_redis_is_down(
             redis_server.restart()
             records = settled(redis_server.url, created.key.id, len(accepted))
             assert_clean(reconcile("spool_full", len(accepted), accepted, records))
-            check_views_agree(base_url, created.secret, redis_server.url, created.key.id)
+            counted = Counter()  # a fresh server: its counters started at zero
+            check_views_agree(base_url, created.secret, redis_server.url, created.key.id, counted)
