@@ -4,11 +4,12 @@ A request is journaled at admission, before its engine runs anything, with what 
 needs (key, model, quality, threshold, its compute-table row); its token counts are
 checkpointed while it runs (`CHECKPOINT_S`); its entry goes once its usage record is stored
 (ledger or spool). Entries left by a process that is gone are closed on the next start
-(`recover_interrupted`): one record each, the request's own if it had ended (written here
-before the ledger is tried), else status `interrupted`, billed for the work its compute-table
-row shows (the table is a file in /dev/shm: it outlives the process) or, for a model the
-plugin does not meter, for the tokens checkpointed. The ledger's idempotency by
-request id makes a recovery that is itself interrupted harmless: exactly one record each.
+(`recover_interrupted`): one record each, the request's own if it had ended but neither the
+ledger nor the spool took it (it is written here then), else status `interrupted`, billed
+for the work its compute-table row shows (the table is a file in /dev/shm: it outlives the
+process) or, for a model the plugin does not meter, for the tokens checkpointed. The
+ledger's idempotency by request id makes a recovery that is itself interrupted, or an entry
+closed late, harmless: exactly one record each.
 
 One SQLite file (WAL, fsynced) may be shared by the servers of one machine: each entry names
 its owner (pid and start time), and only entries of owners no longer running are recovered.

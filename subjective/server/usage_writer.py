@@ -2,10 +2,9 @@
 request's budget reservation (its record counts instead; released after, so the request
 never counts for nothing in between) and closes its journal entry.
 
-Each record is first written into its request's journal entry, so from then on a crash
-cannot lose it. A record neither the ledger nor its spool takes (Redis down and the spool's
-disk full) is retried every `RETRY_S` while the server runs; one still unstored when the
-server stops stays journaled, and the next start stores it.
+A record neither the ledger nor its spool takes (Redis down and the spool's disk full) is
+written into its request's journal entry and retried every `RETRY_S` while the server runs;
+one still unstored when the server stops stays journaled, and the next start stores it.
 
 A request hands its record over with `submit`, which never blocks and never raises: that
 matters on a cancelled stream, where the request's task may not await anything any more.
@@ -78,7 +77,6 @@ class UsageWriter:
             if isinstance(item, _Forget):
                 self._close(item)
             elif isinstance(item, _Job):
-                self._journal(item.record)
                 self._store(item)
             if self._unstored and time.monotonic() >= self._retry_at:
                 self._retry()
@@ -97,16 +95,22 @@ class UsageWriter:
         except Exception:  # the journal still has the request's progress: billed anyway
             log.exception("final usage of %s not journaled", record.request_id)
 
+    def _release(self, api_key_id: str, request_id: str) -> None:
+        try:
+            self.ledger.release(api_key_id, request_id)
+        except Exception:  # it lapses at its expiry; meanwhile it holds budget, no more
+            log.warning("reservation of %s not released; it lapses", request_id)
+
     def _close(self, request: _Forget) -> None:
         if request.reserved:
-            try:
-                self.ledger.release(request.api_key_id, request.request_id)
-            except Exception:  # it lapses at its expiry; meanwhile it holds budget, no more
-                log.warning("reservation of %s not released; it lapses", request.request_id)
+            self._release(request.api_key_id, request.request_id)
+        self._forget_entry(request.request_id)
+
+    def _forget_entry(self, request_id: str) -> None:
         try:
-            self.journal.close(request.request_id)
-        except Exception:  # recovered on the next start: its record is stored, no double
-            log.exception("journal entry of %s not closed", request.request_id)
+            self.journal.close(request_id)
+        except Exception:  # the next start bills it again: a duplicate id, stored once
+            log.exception("journal entry of %s not closed", request_id)
 
     def _store(self, job: _Job) -> None:
         record, done = job.record, job.done
@@ -116,6 +120,7 @@ class UsageWriter:
         except Exception as error:  # the spool itself failed: say so loudly, then retry
             if not done.done():
                 log.exception("usage record %s could not be stored", record.request_id)
+                self._journal(record)  # until stored, a crash must not lose it
                 done.set_exception(error)
             self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome="failed")
             if not self._unstored:
@@ -123,10 +128,13 @@ class UsageWriter:
             self._unstored.append(job)
             return
         self.metrics.observe_ledger_write(seconds=time.perf_counter() - start, outcome=result.value)
-        # Before the client hears back: its next request sees no stale hold.
-        self._close(_Forget(record.api_key_id, record.request_id, job.reserved))
+        if job.reserved:  # before the client hears back: its next request sees no stale hold
+            self._release(record.api_key_id, record.request_id)
         if not done.done():
             done.set_result(result)
+        # After: a crash in between bills the request again under its id, which the ledger
+        # stores once.
+        self._forget_entry(record.request_id)
 
     def close(self) -> None:
         """Store every queued record, then stop."""
