@@ -16,7 +16,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 DEBIAN_PACKAGES := redis-server prometheus python3.11-doc chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test bench setup system-deps lint
+.PHONY: serve test bench loadtest faults setup system-deps lint
 
 serve: setup $(MODEL)/config.json $(GATED)
 	$(SUBJECTIVE) serve --model $(MODEL) --host 127.0.0.1 --port 8000 --allow-anonymous
@@ -27,6 +27,20 @@ test: setup $(MODEL)/config.json data/validation.txt $(GATED)
 # End to end: dense vs SDT/STT and a hybrid (made in a temporary folder) through vLLM -> benchmarks/results/e2e_cpu.json and .png.
 bench: setup $(MODEL)/config.json data/validation.txt $(GATED)
 	$(VENV)/bin/python benchmarks/e2e.py --models sdt=models/SmolLM2-SDT stt=models/SmolLM2-STT
+
+# A bounded mixed load (loopback) on a local server -> benchmarks/results/load.json and .png.
+loadtest: setup $(MODEL)/config.json
+	$(VENV)/bin/python loadtests/mixed_load.py --serve $(MODEL)
+
+# Fault scenarios (Redis, server and engine deaths, ledger timeouts, full spool, clients
+# leaving), the fuzzer and the budget race on real servers -> benchmarks/results/faults.json.
+FAULT_TESTS := tests/test_faults.py tests/test_server_crash.py tests/test_server_engine_death.py \
+	tests/test_server_fuzz.py \
+	tests/test_server_hostile.py::test_concurrent_requests_overshoot_a_budget_by_at_most_one_reservation \
+	tests/test_server_hostile.py::test_a_body_over_the_limit_is_413_and_health_stays_fast
+faults: setup $(MODEL)/config.json
+	rm -f benchmarks/results/faults.json
+	SUBJECTIVE_FAULTS_REPORT=benchmarks/results/faults.json $(VENV)/bin/python -m pytest -q $(FAULT_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -25,11 +25,18 @@ JOB = "subjective"
 
 
 class PrometheusServer:
-    def __init__(self, directory: Path, target_url: str, scrape_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        target_url: str,
+        scrape_interval_s: float = 1.0,
+        bearer: str | None = None,
+    ) -> None:
         self.executable = debian_executable("prometheus", "prometheus")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.target_url = target_url
+        self.bearer = bearer  # an API key, for a server whose /metrics wants one
         self.scrape_interval_s = scrape_interval_s
         self.port = free_port()
         self.process: subprocess.Popen | None = None
@@ -52,6 +59,11 @@ class PrometheusServer:
                 }
             ],
         }
+        if self.bearer is not None:
+            credentials = self.directory / "scrape-key"
+            credentials.write_text(self.bearer)
+            scrape = config["scrape_configs"][0]
+            scrape["authorization"] = {"credentials_file": str(credentials)}
         path = self.directory / "prometheus.yml"
         path.write_text(json.dumps(config))
         return path
@@ -110,12 +122,14 @@ class PrometheusServer:
 
 
 @pytest.fixture
-def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str], PrometheusServer]]:
-    """Starts a Prometheus scraping the given URL each second; all stop after the test."""
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
+    """Starts a Prometheus scraping the given URL each second (with `bearer`: sending that
+    API key); all stop after the test."""
     started: list[PrometheusServer] = []
 
-    def start(target_url: str) -> PrometheusServer:
-        server = PrometheusServer(tmp_path / f"prometheus-{len(started)}", target_url)
+    def start(target_url: str, bearer: str | None = None) -> PrometheusServer:
+        directory = tmp_path / f"prometheus-{len(started)}"
+        server = PrometheusServer(directory, target_url, bearer=bearer)
         started.append(server)
         return server.start()
 

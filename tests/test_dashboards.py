@@ -221,9 +221,10 @@ def test_every_dashboard_query_answers_on_a_real_prometheus(start_prometheus) ->
 def test_every_dashboard_query_answers_on_the_real_server(
     server: str,
     openai_client: openai.OpenAI,
+    user_secret: str,
     start_prometheus,  # noqa: F811
 ) -> None:
-    prometheus = start_prometheus(f"{server}/metrics")
+    prometheus = start_prometheus(f"{server}/metrics", bearer=user_secret)
     for _ in range(2):  # rate() needs two scraped samples that differ
         for quality in ("aggressive", "conservative"):
             stream = openai_client.completions.create(  # TTFT and TPOT come from streams

@@ -109,7 +109,8 @@ def test_server_probes_resources_and_secrets(overlay: str) -> None:
     (item,) = volumes["admin-key"]["secret"]["items"]
     assert item["key"] in secret["stringData"]
     assert env["SUBJECTIVE_ADMIN_KEY_FILE"]["value"] == f"{mounts['admin-key']}/{item['path']}"
-    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    # --name=value options, and bare flags (--public-metrics) as name -> "".
+    args = dict((a.removeprefix("--").split("=", 1) + [""])[:2] for a in container["args"])
     pricing = by_kind(docs, "ConfigMap", volumes["pricing"]["configMap"]["name"])
     assert Path(args["pricing"]) == Path(mounts["pricing"]) / next(iter(pricing["data"]))
     assert mounts["var"] == "/app/var"  # the spool

@@ -14,6 +14,7 @@ import pytest
 from subjective.server.ledger import (
     Ledger,
     Pricing,
+    Reservation,
     Status,
     Totals,
     UsageQuery,
@@ -252,3 +253,79 @@ def test_open_ledger_follows_the_environment(tmp_path: Path) -> None:
     assert path.exists()
     with open_ledger({"REDIS_URL": "redis://127.0.0.1:1/0"}) as ledger:
         assert isinstance(ledger, RedisLedger)
+
+
+# Budget reservations: admission is atomic under concurrency, so a budget is overshot by at
+# most one request's reservation, and records replace reservations.
+
+NOW = datetime.now(UTC)
+WINDOW = (NOW - timedelta(hours=1), NOW + timedelta(hours=1))
+
+
+def reservation(request_id: str, flops: int, budget: int, **changes) -> Reservation:
+    fields = dict(
+        request_id=request_id,
+        api_key_id="key_a",
+        flops=flops,
+        budget=budget,
+        since=WINDOW[0],
+        until=WINDOW[1],
+        expires_at=NOW + timedelta(hours=1),
+    )
+    return Reservation(**{**fields, **changes})
+
+
+def test_concurrent_admissions_overshoot_by_at_most_one_reservation(backend: Backend) -> None:
+    """16 threads, each on its own connection, race for a budget of 3.5 reservations."""
+    flops, budget, racers = 1_000, 3_500, 16
+    barrier = threading.Barrier(racers)
+    admitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def race(worker: int) -> None:
+        try:
+            with backend.open() as ledger:
+                barrier.wait(timeout=30)
+                if ledger.reserve(reservation(f"req-{worker}", flops, budget)) is None:
+                    admitted.append(f"req-{worker}")
+        except BaseException as error:  # surfaced below
+            barrier.abort()
+            errors.append(error)
+
+    threads = [threading.Thread(target=race, args=(w,)) for w in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    # Admitted while under budget: 0, 1000, 2000, 3000 held < 3500, then 4000 >= 3500.
+    assert len(admitted) == 4
+    assert len(admitted) * flops - budget <= flops
+
+
+def test_a_record_replaces_its_reservation(ledger: Ledger) -> None:
+    assert ledger.reserve(reservation("req-000001", 5_000, 6_000)) is None
+    assert ledger.reserve(reservation("req-000002", 5_000, 6_000)) is None  # 5000 < 6000
+    assert ledger.reserve(reservation("other", 1, 6_000)) == 10_000  # held by both
+    # The first one ran less than its worst case: its record counts, its hold goes.
+    ledger.record(make_record(1, finished=NOW, flops=700))
+    ledger.release("key_a", "req-000001")
+    assert ledger.reserve(reservation("other", 1, 5_700)) == 5_700
+    ledger.release("key_a", "req-000002")
+    assert ledger.reserve(reservation("other", 1, 5_700)) is None
+    ledger.release("key_a", "unknown")  # harmless
+
+
+def test_spend_outside_the_window_and_other_keys_do_not_count(ledger: Ledger) -> None:
+    ledger.record(make_record(1, finished=WINDOW[0] - timedelta(hours=2), flops=10**9))
+    ledger.record(make_record(2, key="key_b", finished=NOW, flops=10**9))
+    assert ledger.reserve(reservation("req", 10, 100)) is None
+
+
+def test_reserving_twice_holds_once_and_lapsed_reservations_stop_holding(ledger: Ledger) -> None:
+    assert ledger.reserve(reservation("req", 60, 100)) is None
+    assert ledger.reserve(reservation("req", 60, 100)) is None  # a retry of the same request
+    assert ledger.reserve(reservation("other", 1, 100)) is None  # 60 held, not 120
+    lapsed = reservation("crashed", 10**6, 10**9, expires_at=NOW - timedelta(seconds=1))
+    assert ledger.reserve(lapsed) is None
+    assert ledger.reserve(reservation("next", 1, 61)) == 61  # the lapsed one is gone

@@ -25,6 +25,7 @@ from subjective.server.cli import ENGINE_DEAD_EXIT_CODE
 from subjective.server.keys import open_key_store
 from subjective.server.ledger import Spool, UsageQuery, open_ledger
 from tests.conftest import SERVED_NAME
+from tests.fault_report import assert_clean, reconcile
 from tests.processes import server_process
 from tests.redis_server import RedisServer
 
@@ -150,6 +151,9 @@ def test_a_killed_engine_fails_requests_with_503_bills_them_and_the_server_exits
         records = ledger.usage(UsageQuery(api_key_id=created.key.id))
     assert Spool(tmp_path / "spool").depth() == 0  # Redis was up: stored, not spooled
     assert len(records) == 2  # one per in-flight request; the refused one records nothing
+    # The stream's id is known; the plain request's answer (503) carries none.
+    name = "engine_death" if victim == "VLLM::EngineCore" else "engine_worker_death"
+    assert_clean(reconcile(name, 3, {chunks[0]["id"]}, records, accepted_unnamed=1))
     assert {record.status.value for record in records} == {"error"}
     [streamed] = [record for record in records if record.request_id == chunks[0]["id"]]
     assert streamed.completion_tokens >= len(chunks)  # counted, even if not all delivered

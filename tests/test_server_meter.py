@@ -212,11 +212,15 @@ def test_authenticator_identifies_keys_and_enforces_the_budget(tmp_path: Path) -
         assert wrong.value.status == 401
         key = await strict.identify(f"Bearer {created.secret}")
         assert key.id == created.key.id
-        await strict.admit(key)
+        assert await strict.admit(key, f"r-{key.id}", 5000)  # held: nothing spent yet
+        with pytest.raises(APIError) as held:  # the first one's worst case holds the budget
+            await strict.admit(key, "r-2", 10)
+        assert held.value.status == 429
         now = datetime.now(UTC)
-        ledger.record(_record(key.id, flops=1000, at=now))
+        ledger.record(_record(key.id, flops=1000, at=now))  # it ran: its record replaces it
+        ledger.release(key.id, f"r-{key.id}")
         with pytest.raises(APIError) as over:
-            await strict.admit(key)
+            await strict.admit(key, "r-3", 10)
         assert over.value.status == 429 and over.value.code == "insufficient_quota"
         assert int(over.value.headers["Retry-After"]) >= 1
 
@@ -246,13 +250,22 @@ def _record(key_id: str, flops: int, at: datetime) -> UsageRecord:
     )
 
 
-def test_a_request_dropped_unread_gives_its_slot_back(slots) -> None:
+def test_a_request_dropped_unread_gives_its_slot_back(slots, tmp_path: Path) -> None:
     import gc
+
+    from prometheus_client import CollectorRegistry
 
     from subjective.server.billed_request import BilledRequest, Billing
     from subjective.server.generation import TokenCounts
-    from subjective.server.ledger import Pricing
+    from subjective.server.journal import Journal
+    from subjective.server.ledger import Pricing, Spool, SpoolingLedger
+    from subjective.server.metrics import ServerMetrics
+    from subjective.server.usage_writer import UsageWriter
 
+    journal = Journal(tmp_path / "journal.sqlite3")
+    ledger = SpoolingLedger(SQLiteLedger(tmp_path / "ledger.sqlite3"), Spool(tmp_path / "spool"))
+    metrics = ServerMetrics(CollectorRegistry())
+    writer = UsageWriter(ledger, metrics, journal)
     meter = Meter(tiny_config("dense"), slots)
     free = slots.available
     request = BilledRequest(
@@ -263,10 +276,11 @@ def test_a_request_dropped_unread_gives_its_slot_back(slots) -> None:
         threshold=None,
         counts=TokenCounts(prompt_lengths=[3]),
         ticket=meter.open(),
-        billing=Billing(meter, Pricing(default="1"), writer=None, metrics=None),
+        billing=Billing(meter, Pricing(default="1"), writer, metrics, journal),
         streamed=True,
     )
     assert slots.available == free - 1
     del request
     gc.collect()
+    writer.close()
     assert slots.available == free

@@ -66,9 +66,48 @@ class ComputeCounts:
         return self.dense_flops > 0
 
 
+TABLE_PREFIX = "subjective-compute-"
+
+
+def table_folder() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
 def default_path() -> Path:
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return base / f"subjective-compute-{os.getpid()}-{secrets.token_hex(4)}.i64"
+    return table_folder() / f"{TABLE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.i64"
+
+
+def read_left_row(path: str | Path, slot: int, tag: int) -> ComputeCounts | None:
+    """A row of a table its front end left behind (it died), if the row still belongs to
+    `tag`; None when the table or the row is gone."""
+    try:
+        rows = np.memmap(path, dtype=np.int64, mode="r").reshape(-1, COLUMNS)
+    except (OSError, ValueError):
+        return None
+    if not 0 <= slot < len(rows) or int(rows[slot, 0]) != tag:
+        return None
+    return ComputeCounts(*(int(v) for v in rows[slot, 1:]))
+
+
+def reclaim_left_tables(folder: Path | None = None) -> list[Path]:
+    """Delete the tables of front ends no longer running (killed before their `close`)."""
+    removed = []
+    for path in (folder or table_folder()).glob(f"{TABLE_PREFIX}*.i64"):
+        pid = path.name.removeprefix(TABLE_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class _Table:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from subjective.server.errors import APIError
 from subjective.server.ledger import LedgerUnavailable, Totals, UsageQuery
@@ -34,6 +34,8 @@ class ThresholdState(BaseModel):
 
 
 class ThresholdUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
     threshold: Annotated[float, Field(ge=0.0, le=1.0)]
 
 

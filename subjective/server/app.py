@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import ExitStack, aclosing, asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -17,22 +18,28 @@ from subjective.model_registry.compute_slots import FrontEndSlots
 from subjective.model_registry.config import ModelConfig
 from subjective.server.account_routes import admin_router, usage_router
 from subjective.server.admin_bootstrap import adopt_admin_key_file
-from subjective.server.auth import Authenticator
-from subjective.server.billed_request import Billing
+from subjective.server.admission import AdmissionGate
+from subjective.server.auth import Authenticator, caller
+from subjective.server.billed_request import Billing, checkpoints
 from subjective.server.choices import CompletionChoices, chat_logprobs
 from subjective.server.config import ServerConfig
 from subjective.server.errors import (
+    CLIENT_GONE,
     ERROR_TYPES,
     APIError,
+    ClientGone,
     engine_dead_error,
     error_body,
     install_error_handlers,
+    text_is_encodable,
 )
 from subjective.server.generation import ChoiceDelta, Generator
+from subjective.server.journal import open_journal
 from subjective.server.keys import open_key_store
 from subjective.server.ledger import open_server_ledger
 from subjective.server.meter import Meter
 from subjective.server.metrics import ServerMetrics
+from subjective.server.openapi_errors import document_errors
 from subjective.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -51,29 +58,34 @@ from subjective.server.protocol import (
     Usage,
 )
 from subjective.server.rate_limit import open_rate_limiter
+from subjective.server.recovery import recover_interrupted
 from subjective.server.service import CallerDep, Service, ServiceDep
 from subjective.server.threshold import ThresholdControl
 from subjective.server.usage_page import install_usage_page
 from subjective.server.usage_writer import UsageWriter
 
+log = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503)
 }
 
 
-def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+def sse(payload: BaseModel, *, exclude_none: bool = True) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=exclude_none)}\n\n"
 
 
 async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Frames of a stream, then `[DONE]`; a failure mid-stream becomes an error event."""
+    """Frames of a stream, then `[DONE]`; a failure mid-stream becomes an error event, in
+    the shape of an error response (`param` and `code` present, null or not)."""
     try:
         async for event in events:
             yield event
     except APIError as exc:
-        yield sse(error_body(exc.status, exc.message, code=exc.code))
+        body = error_body(exc.status, exc.message, code=exc.code, param=exc.param)
+        yield sse(body, exclude_none=False)
     except Exception:  # the client already has a 200: tell it in-band
-        yield sse(error_body(500, "The server failed while generating."))
+        log.exception("a stream failed")
+        yield sse(error_body(500, "The server failed while generating."), exclude_none=False)
     yield "data: [DONE]\n\n"
 
 
@@ -105,17 +117,23 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
             ledger = open_server_ledger()
             teardown.callback(ledger.close)
             ledger.start()
+            journal = open_journal()
+            teardown.callback(journal.close_db)
             slots = FrontEndSlots.create()
             teardown.callback(slots.close)
+            meter = Meter(model, slots)
+            # Requests a dead server left in flight: billed once, before anything new runs.
+            recover_interrupted(journal, ledger, meter, config.pricing)
             # The engine core (another process) finds the per-request compute table here.
             os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
             served_engine = build_engine(config)
             teardown.callback(served_engine.shutdown)
-            writer = UsageWriter(ledger, metrics)
+            writer = UsageWriter(ledger, metrics, journal)
             teardown.callback(writer.close)
             generator = Generator(
                 served_engine, AutoTokenizer.from_pretrained(config.model_dir), config
             )
+            teardown.callback(generator.close)
             app.state.service = Service(
                 config=config,
                 generator=generator,
@@ -123,26 +141,42 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
                 authenticator=Authenticator(
                     keys, ledger, open_rate_limiter(), allow_anonymous=config.allow_anonymous
                 ),
-                billing=Billing(Meter(model, slots), config.pricing, writer, metrics),
+                billing=Billing(meter, config.pricing, writer, metrics, journal),
                 ledger=ledger,
                 created=int(time.time()),
             )
+            checkpointer = asyncio.create_task(checkpoints(app.state.service.billing))
+            teardown.callback(checkpointer.cancel)
             if on_engine_dead is not None:
                 watcher = asyncio.create_task(watch_engine(generator, on_engine_dead))
                 teardown.callback(watcher.cancel)
             yield
 
-    app = FastAPI(title="subjective", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: their pages load scripts from a CDN. No redirect to the path with
+    # or without a trailing slash: its Location would be built from the Host header.
+    app = FastAPI(
+        title="subjective",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     install_error_handlers(app)
+    document_errors(app)
+    metrics_access = [] if config.public_metrics else [Depends(caller)]
+    # Inside the metrics middleware below (added later, so outer): its refusals are counted.
+    app.add_middleware(AdmissionGate, max_body_bytes=config.max_body_bytes)
 
     @app.middleware("http")
     async def count_rejections(request: Request, call_next):
         response = await call_next(request)
-        if 400 <= response.status_code < 500 and request.url.path.startswith("/v1/"):
+        status = response.status_code
+        if 400 <= status < CLIENT_GONE and request.url.path.startswith("/v1/"):
             request.app.state.service.billing.metrics.observe_rejected(
                 model=config.served_model_name,
-                status_code=response.status_code,
-                error_type=ERROR_TYPES.get(response.status_code, "invalid_request_error"),
+                status_code=status,
+                error_type=ERROR_TYPES.get(status, "invalid_request_error"),
             )
         return response
 
@@ -159,9 +193,10 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         _require_engine(service)
         return {"status": "ready"}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=metrics_access)
     async def metrics(service: ServiceDep) -> Response:
-        """Gauges are read from their sources at scrape time, then everything is rendered."""
+        """Gauges are read from their sources at scrape time, then everything is rendered.
+        Needs an API key unless the server runs with `--public-metrics`."""
         metrics = service.billing.metrics
         metrics.set_spool_depth(await asyncio.to_thread(service.ledger.spool_depth))
         if service.threshold.base is not None:
@@ -183,9 +218,13 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         response_model=CompletionResponse,
         response_model_exclude_none=True,
         responses=ERROR_RESPONSES,
+        dependencies=[Depends(text_is_encodable)],
     )
-    async def create_completion(body: CompletionRequest, service: ServiceDep, key: CallerDep):
-        prompts = service.generator.completion_prompts(body)
+    async def create_completion(
+        body: CompletionRequest, service: ServiceDep, key: CallerDep, request: Request
+    ):
+        generator = service.generator
+        prompts = await generator.tokenized(lambda: generator.completion_prompts(body))
         run, deltas = await service.begin(key, body, prompts, body.max_tokens, "cmpl")
         created = int(time.time())
         choices = CompletionChoices(
@@ -210,7 +249,7 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
             return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
-        merged = await _collect(deltas)
+        merged = await _collect_while_connected(request, deltas)
         await run.stored()
         return response([choices.choice(delta) for delta in merged], run.usage())
 
@@ -219,11 +258,13 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
         response_model=ChatCompletionResponse,
         response_model_exclude_none=True,
         responses=ERROR_RESPONSES,
+        dependencies=[Depends(text_is_encodable)],
     )
     async def create_chat_completion(
-        body: ChatCompletionRequest, service: ServiceDep, key: CallerDep
+        body: ChatCompletionRequest, service: ServiceDep, key: CallerDep, request: Request
     ):
-        prompt = service.generator.chat_prompt(body)
+        generator = service.generator
+        prompt = await generator.tokenized(lambda: generator.chat_prompt(body))
         run, deltas = await service.begin(key, body, [prompt], body.token_budget(), "chatcmpl")
         created = int(time.time())
 
@@ -271,7 +312,7 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
             return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
-        merged = await _collect(deltas)
+        merged = await _collect_while_connected(request, deltas)
         await run.stored()
         choices = [
             ChatChoice(
@@ -299,6 +340,31 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 def _require_engine(service: Service) -> None:
     if service.generator.engine_dead:
         raise engine_dead_error()
+
+
+async def _collect_while_connected(
+    request: Request, deltas: AsyncGenerator[ChoiceDelta, None]
+) -> list[ChoiceDelta]:
+    """`_collect`, cancelled as soon as the client disconnects: the engine aborts the request
+    and it is billed as `cancelled` for the work done (then `ClientGone`)."""
+    collecting = asyncio.ensure_future(_collect(deltas))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((collecting, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+    if collecting.cancelled():
+        raise ClientGone()
+    return collecting.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client hangs up (the body is read: the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(deltas: AsyncGenerator[ChoiceDelta, None]) -> list[ChoiceDelta]:

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
 
+from subjective.server.admission import STATE_KEY
 from subjective.server.errors import APIError
 from subjective.server.keys import SECRET_PREFIX, ApiKey, KeyStore, KeyStoreUnavailable
-from subjective.server.ledger import Ledger, LedgerUnavailable
+from subjective.server.ledger import Ledger, LedgerUnavailable, Reservation
 from subjective.server.rate_limit import LocalRateLimiter, RateLimiter, RateLimiterUnavailable
 
 # Whoever calls without a key when the server allows it (`subjective serve --allow-anonymous`).
 ANONYMOUS = ApiKey(id="anonymous", name="anonymous")
+# A reservation its server never released (the process died) stops holding budget after this;
+# far longer than any request runs.
+RESERVATION_TTL = timedelta(hours=1)
 
 
 class Authenticator:
@@ -62,10 +66,14 @@ class Authenticator:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return key
 
-    async def admit(self, key: ApiKey) -> None:
-        """Raise 429 when the key is over its rate or its FLOP budget."""
+    async def check_rate(self, key: ApiKey) -> None:
+        """Raise 429 when the key is over its rate already, without counting this request:
+        a cheap refusal before its body is parsed."""
+        await self._rate(key, count=False)
+
+    async def _rate(self, key: ApiKey, *, count: bool) -> None:
         try:
-            wait = await asyncio.to_thread(self.rates.admit, key)
+            wait = await asyncio.to_thread(self.rates.admit, key, count=count)
         except RateLimiterUnavailable as error:
             raise APIError(503, "The rate limiter is unavailable; retry shortly.") from error
         if wait is not None:
@@ -74,20 +82,38 @@ class Authenticator:
                 "rate_limit_exceeded",
                 wait,
             )
+
+    async def admit(self, key: ApiKey, request_id: str, worst_case_flops: int) -> bool:
+        """Count the request against the key's rate and, for a key with a FLOP budget,
+        reserve its worst case against it (True: reserved; release it once the request's
+        record is stored). Raise 429 when the key is over its rate or its budget."""
+        await self._rate(key, count=True)
         if key.flops_budget is None:
-            return
+            return False
         start, end = key.budget_window()
+        now = datetime.now(UTC)
+        reservation = Reservation(
+            request_id=request_id,
+            api_key_id=key.id,
+            flops=worst_case_flops,
+            budget=key.flops_budget,
+            since=start,
+            until=end,
+            expires_at=now + RESERVATION_TTL,
+        )
         try:
-            spent = await asyncio.to_thread(self.ledger.totals, key.id, start, end)
+            committed = await asyncio.to_thread(self.ledger.reserve, reservation)
         except LedgerUnavailable as error:
             raise APIError(503, "The usage ledger is unavailable; retry shortly.") from error
-        if spent.flops >= key.flops_budget:
+        if committed is not None:
             raise _too_many(
-                f"Compute budget exhausted: {spent.flops} of {key.flops_budget} FLOPs this "
-                f"{key.budget_period}. It renews at {end.isoformat()}.",
+                f"Compute budget exhausted: {committed} of {key.flops_budget} FLOPs this "
+                f"{key.budget_period} spent or held by running requests. It renews at "
+                f"{end.isoformat()}.",
                 "insufficient_quota",
-                (end - datetime.now(UTC)).total_seconds(),
+                (end - now).total_seconds(),
             )
+        return True
 
 
 def _too_many(message: str, code: str, retry_after_s: float) -> APIError:
@@ -100,11 +126,15 @@ def get_authenticator(request: Request) -> Authenticator:
 
 
 async def caller(request: Request) -> ApiKey:
-    """Dependency of every /v1 route: the identified key.
+    """Dependency of every /v1 route: the identified key (by `AdmissionGate`, before the
+    body was read, or here).
 
     Rate and budget are checked by the route once the request is valid (`Authenticator.admit`),
     so a request rejected as invalid never uses up a key's allowance.
     """
+    identified = getattr(request.state, STATE_KEY, None)
+    if identified is not None:
+        return identified
     return await get_authenticator(request).identify(request.headers.get("authorization"))
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from subjective.server.errors import APIError
 from subjective.server.generation import ChoiceDelta, TokenCounts
+from subjective.server.journal import CHECKPOINT_S, Journal, JournalEntry
 from subjective.server.keys import ApiKey
 from subjective.server.ledger import Pricing, Status, UsageRecord, WriteResult
 from subjective.server.meter import Compute, Meter, Ticket
@@ -36,6 +39,28 @@ class Billing:
     pricing: Pricing
     writer: UsageWriter
     metrics: ServerMetrics
+    journal: Journal
+    # Token counts of the journaled requests still running, checkpointed by `checkpoints`.
+    in_flight: dict[str, TokenCounts] = field(default_factory=dict)
+
+
+async def checkpoints(billing: Billing, interval_s: float = CHECKPOINT_S) -> None:
+    """Checkpoint the token counts of running requests that changed, every `interval_s`."""
+    seen: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(interval_s)
+        progress = {}
+        for request_id, counts in billing.in_flight.items():
+            tokens = counts.total_completion_tokens
+            if seen.get(request_id) != tokens:
+                seen[request_id] = tokens
+                progress[request_id] = counts.to_dict()
+        seen = {request_id: seen[request_id] for request_id in billing.in_flight}
+        if progress:
+            try:
+                await asyncio.to_thread(billing.journal.checkpoint, progress)
+            except sqlite3.Error:
+                log.exception("checkpoint of %d requests failed", len(progress))
 
 
 class BilledRequest:
@@ -51,6 +76,7 @@ class BilledRequest:
         ticket: Ticket,
         billing: Billing,
         streamed: bool,
+        reserved: bool = False,
     ) -> None:
         self.request_id = request_id
         self.key = key
@@ -62,6 +88,8 @@ class BilledRequest:
         self.billing = billing
         # Only a stream sees tokens as they come: TTFT and time per token are its figures.
         self.streamed = streamed
+        # Its worst case is held against the key's budget until its record is stored.
+        self.reserved = reserved
         self.started_at = datetime.now(UTC)
         self._start = time.perf_counter()
         self._first_token: float | None = None
@@ -70,8 +98,33 @@ class BilledRequest:
         # Outputs never read (the client left before its stream began) mean nothing ran and
         # nothing settles: the compute slot alone goes back when the request is dropped.
         self._unsettled = [True]
-        weakref.finalize(self, _release_unused, billing.meter, ticket, self._unsettled)
+        weakref.finalize(
+            self, _release_unused, billing, ticket, (key.id, request_id, reserved), self._unsettled
+        )
         self._stored: Future[WriteResult] | None = None
+
+    async def journaled(self) -> None:
+        """Journal the request (durably) before it runs: if this server dies, its next start
+        bills it. 503 if the journal cannot be written."""
+        entry = JournalEntry(
+            request_id=self.request_id,
+            api_key_id=self.key.id,
+            model=self.model,
+            quality=self.quality,
+            threshold=self.threshold,
+            started_at=self.started_at,
+            compute_table=str(self.billing.meter.slots.path),
+            slot=self.ticket.slot,
+            tag=self.ticket.tag,
+            reserved=self.reserved,
+        )
+        try:
+            await asyncio.to_thread(self.billing.journal.open, entry, self.counts.to_dict())
+        except sqlite3.Error as error:
+            self.reject()
+            log.error("journal write failed for %s: %s", self.request_id, error)
+            raise APIError(503, "The usage journal is unavailable; retry shortly.") from error
+        self.billing.in_flight[self.request_id] = self.counts
 
     async def deltas(self, source: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         status = Status.ERROR
@@ -87,8 +140,20 @@ class BilledRequest:
         except (asyncio.CancelledError, GeneratorExit):
             status = Status.CANCELLED
             raise
+        except APIError as error:
+            if error.status < 500:  # vLLM refused the input: its engine never ran it
+                self.reject()
+            raise
         finally:
             self.settle(status)
+
+    def reject(self) -> None:
+        """The request never ran: no charge and no record; its compute slot goes back."""
+        if self.compute is not None:
+            return
+        self._unsettled[0] = False
+        self.compute = Compute()
+        _release(self.billing, self.ticket, (self.key.id, self.request_id, self.reserved))
 
     def settle(self, status: Status) -> None:
         """Meter, record and observe the request; later calls do nothing. Never blocks."""
@@ -96,6 +161,7 @@ class BilledRequest:
             return
         self._unsettled[0] = False
         billing = self.billing
+        billing.in_flight.pop(self.request_id, None)
         self.compute = billing.meter.close(self.ticket, self.counts.tallies())
         end = time.perf_counter()
         completion = self.counts.total_completion_tokens
@@ -117,7 +183,7 @@ class BilledRequest:
             finished_at=datetime.now(UTC),
             status=status,
         )
-        self._stored = billing.writer.submit(record)
+        self._stored = billing.writer.submit(record, reserved=self.reserved)
         first, last = (self._first_token, self._last_token) if self.streamed else (None, None)
         billing.metrics.observe_request(
             model=self.model,
@@ -165,6 +231,16 @@ class BilledRequest:
         )
 
 
-def _release_unused(meter: Meter, ticket: Ticket, unsettled: list[bool]) -> None:
+def _release(billing: Billing, ticket: Ticket, held: tuple[str, str, bool]) -> None:
+    """The compute slot, journal entry and budget reservation of a request that never ran."""
+    billing.meter.release(ticket)
+    key_id, request_id, reserved = held
+    billing.in_flight.pop(request_id, None)
+    billing.writer.forget(key_id, request_id, reserved=reserved)
+
+
+def _release_unused(
+    billing: Billing, ticket: Ticket, held: tuple[str, str, bool], unsettled: list[bool]
+) -> None:
     if unsettled[0]:
-        meter.release(ticket)
+        _release(billing, ticket, held)

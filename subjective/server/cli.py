@@ -8,7 +8,12 @@ import os
 from pathlib import Path
 
 from subjective.paths import DEFAULT_MODEL
-from subjective.server.config import QUALITY_LEVELS, ServerConfig, load_pricing
+from subjective.server.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    QUALITY_LEVELS,
+    ServerConfig,
+    load_pricing,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-anonymous",
         action="store_true",
         help="serve requests without an API key (as key 'anonymous'); admin routes still need one",
+    )
+    parser.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without an API key (by default it wants one, as /v1 routes do)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies are refused with 413 before they are read",
     )
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="GPUs to spread the model over (vLLM)"
@@ -75,6 +91,8 @@ def serve(args: argparse.Namespace) -> int:
         enforce_eager=args.eager,
         default_quality=args.default_quality,
         allow_anonymous=args.allow_anonymous,
+        max_body_bytes=args.max_body_bytes,
+        public_metrics=args.public_metrics,
         tensor_parallel_size=args.tensor_parallel_size,
         admin_key_file=args.admin_key_file,
         **({"pricing": load_pricing(args.pricing)} if args.pricing else {}),

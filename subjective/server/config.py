@@ -11,6 +11,8 @@ from subjective.server.ledger.pricing import Pricing
 
 Quality = Literal["aggressive", "conservative"]
 QUALITY_LEVELS: tuple[Quality, ...] = ("aggressive", "conservative")
+# A full context of text, or 64 prompts of token ids, is far smaller.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class ServerConfig:
     # Without a key, requests run as the `anonymous` key (`make serve` on a laptop); never
     # for admin routes.
     allow_anonymous: bool = False
+    # /metrics without an API key (a scraper on a private network); otherwise it wants one.
+    public_metrics: bool = False
+    # Larger request bodies are refused (413) before they are read or parsed.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # vLLM's tensor parallelism: GPUs one replica spreads the model over (1: no parallelism).
     tensor_parallel_size: int = 1
     # A file holding the first admin key's secret (admin_bootstrap.py); None: no such key.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from subjective.server.protocol import UNSUPPORTED, ErrorBody, ErrorResponse
@@ -25,6 +28,25 @@ ERROR_TYPES = {
     500: "server_error",
     503: "server_error",
 }
+
+
+# nginx's "client closed request": what is logged for a request whose client left.
+CLIENT_GONE = 499
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected before its answer."""
+
+
+class BodyTooLarge(HTTPException):
+    """A body over the server's limit, found while it is read (FastAPI lets an HTTPException
+    raised there through; any other error would become a 400)."""
+
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        message = f"The request body is larger than this server accepts ({limit} bytes)."
+        super().__init__(413, message)
 
 
 class APIError(Exception):
@@ -79,13 +101,78 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = error_body(status, message, code=code, param=param)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return AsciiJSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error quoting the client's text (a model name with a
+    lone surrogate, say) still encodes."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: object, path: tuple[str, ...] = ()) -> str | None:
+    """The path (`messages.0.content`) of the first string in a parsed JSON body that holds a
+    lone UTF-16 surrogate (JSON allows `"\\ud800"`; no text encoding does), else None."""
+    if isinstance(value, str):
+        return ".".join(path) or "body" if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _LONE_SURROGATE.search(key):
+                return ".".join(path) or "body"
+            if found := lone_surrogate(item, (*path, key)):
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if found := lone_surrogate(item, (*path, str(index))):
+                return found
+    return None
+
+
+async def text_is_encodable(request: Request) -> None:
+    """Dependency of the routes that take a JSON body: 400 for a lone surrogate anywhere in it.
+
+    Runs before the body's validation; the body is parsed once (Starlette caches it)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # not JSON: the body's validation answers that
+    if (param := lone_surrogate(body)) is not None:
+        raise APIError(
+            400, f"'{param}' holds a lone UTF-16 surrogate: not valid text.", param=param
+        )
+
+
+def client_param(location: Sequence[str | int], body: object) -> tuple[str | None, int]:
+    """The field as the client wrote it (`messages.0.content`), and how deep it reaches.
+
+    Pydantic's error locations add the union member tried (`stop.list[str].0`) and `[key]`
+    for dict keys; following the location through the body keeps only what is really in it
+    (and a missing field's own name, last)."""
+    names: list[str] = []
+    node = body
+    parts = list(location[1:] if location[:1] == ("body",) else location)
+    for position, part in enumerate(parts):
+        listed = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if listed or (isinstance(node, dict) and part in node):
+            node = node[part]
+        elif isinstance(node, dict) and position == len(parts) - 1:
+            node = None  # missing: the name the client left out
+        else:
+            continue
+        names.append(str(part))
+    return ".".join(names) or None, len(names)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
+    # The error that reaches deepest into the body names the field best (a union's errors
+    # include one per member tried, most of them about the wrong member).
+    located = [(client_param(e.get("loc", ()), exc.body), e) for e in exc.errors()]
+    (param, _), first = max(located, key=lambda item: item[0][1])
     kind = first.get("type")
     if kind == "json_invalid":
         return "The request body is not valid JSON.", None
@@ -111,7 +198,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+        code = BodyTooLarge.code if isinstance(exc, BodyTooLarge) else None
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

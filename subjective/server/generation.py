@@ -7,8 +7,10 @@ request may carry `n` samples. Outputs arrive as deltas, tagged with their choic
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from subjective.server.config import ServerConfig
 from subjective.server.errors import APIError, engine_dead_error
@@ -17,6 +19,7 @@ from subjective.server.protocol import ChatCompletionRequest, CompletionRequest,
 
 # What a logprob of -inf is sent as (JSON has no infinity; OpenAI's and vLLM's choice).
 LOGPROB_FLOOR = -9999.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,26 @@ class TokenCounts:
     def prompt_tokens(self) -> int:
         return sum(self.prompt_lengths)
 
+    def to_dict(self) -> dict:
+        """JSON-ready (the journal's checkpoint)."""
+        return {
+            "prompt_lengths": self.prompt_lengths,
+            "n": self.n,
+            "prompt_logprobs": self.prompt_logprobs,
+            "completion_tokens": dict(self.completion_tokens),
+            "cached_tokens": dict(self.cached_tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenCounts:
+        return cls(
+            prompt_lengths=list(data["prompt_lengths"]),
+            n=data["n"],
+            prompt_logprobs=data["prompt_logprobs"],
+            completion_tokens={int(k): v for k, v in data["completion_tokens"].items()},
+            cached_tokens={int(k): v for k, v in data["cached_tokens"].items()},
+        )
+
     @property
     def total_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())
@@ -116,6 +139,22 @@ class Generator:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
+        # The longest text one token stands for: a prompt of B bytes has at least
+        # B / max_token_bytes tokens, so an oversized prompt is refused before tokenising.
+        self.max_token_bytes = max(
+            len(text.encode(errors="replace"))
+            for text in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        )
+        # Tokenising runs here, off the event loop, one request at a time (a fast tokenizer
+        # shared by threads fails with "Already borrowed").
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    async def tokenized(self, work: Callable[[], T]) -> T:
+        """`work` (tokenising) on the tokenizer's thread, so the event loop keeps serving."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
+
+    def close(self) -> None:
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     @property
     def engine_dead(self) -> bool:
@@ -147,12 +186,27 @@ class Generator:
 
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        self._refuse_oversized(sum(len(m["content"].encode()) for m in messages), "messages")
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _refuse_oversized(self, text_bytes: int, param: str) -> None:
+        """400 `context_length_exceeded` when the text's byte length alone proves its tokens
+        cannot fit the context (each token stands for at most `max_token_bytes` bytes)."""
+        fewest = -(-text_bytes // self.max_token_bytes)
+        if fewest >= self.config.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.config.max_model_len} tokens; "
+                f"this prompt of {text_bytes} bytes has at least {fewest}.",
+                code="context_length_exceeded",
+                param=param,
+            )
+
     def _encode(self, text: str) -> list[int]:
+        self._refuse_oversized(len(text.encode()), "prompt")
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
@@ -180,9 +234,8 @@ class Generator:
     ):
         """vLLM's SamplingParams, checked as the engine will check them (a bad value is a 400
         here, before the request starts); `extra_args` (quality, threshold, meter slot) reach
-        the model plugin's gate and meter (DESIGN.md §4, §5). A stream gets every step's new
-        tokens; otherwise the engine sends each request's output once, at its end. Prompt
-        scoring (`max_tokens` 0) runs one step, whose token `stream` drops."""
+        the model plugin's gate and meter (DESIGN.md §4, §5). Prompt scoring (`max_tokens` 0)
+        runs one step, whose token `stream` drops."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -197,9 +250,9 @@ class Generator:
             params = SamplingParams(
                 max_tokens=max(max_tokens, 1),
                 structured_outputs=StructuredOutputsParams(**structured) if structured else None,
-                output_kind=(
-                    RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
-                ),
+                # Every step's new tokens, streamed or not: a request's progress is known
+                # whenever it stops (billing a cancelled or interrupted one for its tokens).
+                output_kind=RequestOutputKind.DELTA,
                 extra_args=extra_args,
                 **options,
             )
@@ -298,9 +351,21 @@ class Generator:
 
     def _served_error(self, error: BaseException) -> BaseException:
         """A dead engine's failure (EngineDeadError, or whatever surfaced first) becomes the
-        503 `engine_dead` the client sees; any other error stays as it is."""
-        if not isinstance(error, Exception) or not self.engine_dead:
+        503 `engine_dead` the client sees; vLLM's refusal of the request's input (checked
+        before its engine runs anything) a 400 naming the field, or the status vLLM gives
+        (a full queue: 503); any other error stays as it is."""
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+
+        if not isinstance(error, Exception):
             return error
-        dead = engine_dead_error()
-        dead.__cause__ = error
-        return dead
+        if self.engine_dead:
+            served = engine_dead_error()
+        elif isinstance(error, VLLMClientError):
+            message = error.args[0] if error.args else str(error)
+            served = APIError(400, str(message), param=getattr(error, "parameter", None))
+        elif isinstance(error, GracefulHTTPError):
+            served = APIError(int(error.http_status), error.message, code="engine_refused")
+        else:
+            return error
+        served.__cause__ = error
+        return served

@@ -122,9 +122,36 @@ class Meter:
             counts = self.slots.read(ticket.slot)
         finally:
             self.release(ticket)
-        if counts.metered:
+        return self.compute_of(counts, tallies)
+
+    def compute_of(self, counts: ComputeCounts | None, tallies: list[EngineTally]) -> Compute:
+        """From the worker's counts when it metered the request, else by count of tokens."""
+        if counts is not None and counts.metered:
             return sum((self.prompt_head(t) for t in tallies), Compute.of_counts(counts))
         return sum((self.dense_compute(t) for t in tallies), Compute())
+
+    def worst_case(
+        self, prompt_lengths: list[int], n: int, max_tokens: int, prompt_logprobs: bool
+    ) -> int:
+        """An upper bound of the FLOPs a request can execute: every sample of every prompt
+        runs the whole prompt (nothing cached) and `max_tokens` more tokens, every gated
+        layer keeping every token (a kept token costs more than a skipped one)."""
+        total = 0
+        for length in prompt_lengths:
+            tokens = length + max(max_tokens, 1)
+            routing = {
+                layer: torch.ones(1, tokens, dtype=torch.bool)
+                for layer in self.model.routing.gated_layers
+            }
+            ran = count_flops(
+                self.model,
+                routing,
+                [tokens],
+                [length],
+                prompt_logits="all" if prompt_logprobs else "last",
+            )
+            total += n * int(ran.prompt.flops[0] + ran.completion.flops[0])
+        return total
 
     def prompt_head(self, tally: EngineTally) -> Compute:
         """The LM head on the prompt tokens it ran but the last (prompt logprobs only)."""

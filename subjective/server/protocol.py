@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationInfo,
     field_validator,
 )
@@ -30,6 +31,15 @@ MAX_STOP_SEQUENCES = 4
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 UNSUPPORTED = "unsupported_field"
+# Integers reach vLLM's int32/int64 tensors and C code: larger ones are a 400 here, not a crash.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+StopText = Annotated[str, Field(min_length=1)]
+# One request fans out into (prompts x n) engine sequences: bounded, so one request cannot
+# fill the engine's batch on its own.
+MAX_SEQUENCES_PER_REQUEST = 64
 
 
 def _refused_unless(*harmless: object) -> BeforeValidator:
@@ -54,9 +64,10 @@ UnsupportedToolChoice = Annotated[Any, _refused_unless("none", "auto")]
 
 
 class Request(BaseModel):
-    """A request body: fields not declared are refused."""
+    """A request body: fields not declared are refused, and types are strict (no `"2"` for
+    an integer, no `"yes"` for a boolean, no NaN or infinity)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Request):
@@ -71,21 +82,24 @@ class SamplingFields(Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: int | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    # Token id (a string in JSON) -> bias added to its logit; -100 bans it, 100 forces it.
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # Token id (a string in JSON: parsed, not strict) -> bias added to its logit; -100 bans
+    # it, 100 forces it.
+    logit_bias: (
+        dict[Annotated[TokenId, Strict(False)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None
+    ) = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # ignored: an end-user id for abuse monitoring
     # vLLM's sampling extras, as vLLM's own server takes them.
-    top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1: every token
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] = 0  # 0 or -1: every token
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     # Ours: trade compute for quality per request (DESIGN.md §4). None: the server's default.
     quality: Quality | None = None
@@ -121,9 +135,21 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     # 0 only with `echo`: score the prompt (its tokens' logprobs), generate nothing.
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    max_tokens: Count | None = 16
     best_of: Annotated[int, Field(ge=1, le=16)] | None = None
     suffix: Unsupported = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_fan_out(cls, value: str | list, info: ValidationInfo) -> str | list:
+        texts = isinstance(value, list) and isinstance(value[0], str)
+        prompts = len(value) if texts else 1
+        if prompts * info.data.get("n", 1) > MAX_SEQUENCES_PER_REQUEST:
+            raise ValueError(
+                f"{prompts} prompts x n = {info.data.get('n', 1)} would run more than "
+                f"{MAX_SEQUENCES_PER_REQUEST} sequences; send fewer per request"
+            )
+        return value
 
     @field_validator("max_tokens")
     @classmethod
@@ -217,8 +243,8 @@ ResponseFormat = Annotated[
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None

@@ -25,8 +25,9 @@ class RateLimiterUnavailable(Exception):
 
 
 class RateLimiter(Protocol):
-    def admit(self, key: ApiKey, now: float | None = None) -> float | None:
-        """None if the request may run (and counts it), else seconds until it may."""
+    def admit(self, key: ApiKey, now: float | None = None, *, count: bool = True) -> float | None:
+        """None if the request may run (and counts it, unless `count` is False: a peek
+        before the request is parsed), else seconds until it may."""
 
 
 class LocalRateLimiter:
@@ -34,7 +35,7 @@ class LocalRateLimiter:
         self._admitted: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def admit(self, key: ApiKey, now: float | None = None) -> float | None:
+    def admit(self, key: ApiKey, now: float | None = None, *, count: bool = True) -> float | None:
         if key.rpm is None:
             return None
         now = time.monotonic() if now is None else now
@@ -44,7 +45,8 @@ class LocalRateLimiter:
                 times.popleft()
             if len(times) >= key.rpm:
                 return times[0] + WINDOW_S - now if times else WINDOW_S
-            times.append(now)
+            if count:
+                times.append(now)
             return None
 
 
@@ -56,6 +58,7 @@ if redis.call('ZCARD', KEYS[1]) >= limit then
   if oldest[2] then return tostring(tonumber(oldest[2]) + window - now) end
   return tostring(window)
 end
+if ARGV[5] == '0' then return false end
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
 return false
@@ -71,14 +74,14 @@ class RedisRateLimiter:
         self._script = self._client.register_script(_SLIDING_WINDOW)
         self._prefix = prefix
 
-    def admit(self, key: ApiKey, now: float | None = None) -> float | None:
+    def admit(self, key: ApiKey, now: float | None = None, *, count: bool = True) -> float | None:
         if key.rpm is None:
             return None
         now = time.time() if now is None else now  # wall clock: shared by replicas
         try:
             wait = self._script(
                 keys=[f"{self._prefix}:rate:{key.id}"],
-                args=[repr(now), repr(WINDOW_S), key.rpm, uuid.uuid4().hex],
+                args=[repr(now), repr(WINDOW_S), key.rpm, uuid.uuid4().hex, int(count)],
             )
         except self._errors as error:
             raise RateLimiterUnavailable(str(error)) from error

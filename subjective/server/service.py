@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ class Service:
         max_tokens: int | None,
         id_prefix: str,
     ) -> tuple[BilledRequest, AsyncGenerator[ChoiceDelta, None]]:
-        """Validate, admit (rate, budget), then start the request on the engine.
+        """Validate, admit (rate; budget: its worst case reserved), then start the request on
+        the engine.
 
         With the engine dead, or a request vLLM would refuse, nothing is counted or recorded
         (no rate-limit token spent, no compute slot kept)."""
@@ -65,13 +67,22 @@ class Service:
         extra_args: dict[str, object] = {EXTRA_ARG_QUALITY: quality, **ticket.extra_args()}
         if threshold is not None:
             extra_args[EXTRA_ARG_THRESHOLD] = threshold
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
             params = self.generator.sampling_params(body, budget, extra_args)
-            await self.authenticator.admit(key)
+            worst_case = 0  # only a key with a budget needs it (a count, off the event loop)
+            if key.flops_budget is not None:
+                worst_case = await asyncio.to_thread(
+                    self.billing.meter.worst_case,
+                    [len(p) for p in prompts],
+                    body.n,
+                    budget,
+                    params.prompt_logprobs is not None,
+                )
+            reserved = await self.authenticator.admit(key, request_id, worst_case)
         except BaseException:
             self.billing.meter.release(ticket)
             raise
-        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         run = BilledRequest(
             request_id=request_id,
             key=key,
@@ -86,7 +97,9 @@ class Service:
             ticket=ticket,
             billing=self.billing,
             streamed=body.stream,
+            reserved=reserved,
         )
+        await run.journaled()
         stream = self.generator.stream(request_id, prompts, params, generates=body.generates())
         return run, run.deltas(stream)
 

@@ -62,6 +62,23 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """FLOPs a request may still execute, held against its key's budget while it runs.
+
+    Admitted while the key's spend in `[since, until)` plus its outstanding reservations is
+    under `budget`; so concurrent requests overshoot a budget by at most one reservation.
+    A reservation its server never releases (a crash) lapses at `expires_at`."""
+
+    request_id: str
+    api_key_id: str
+    flops: int
+    budget: int
+    since: datetime
+    until: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class ExportEvent:
     """One usage event in the ledger's log; `event_id` orders the log (stream id, row seq)."""
 
@@ -109,6 +126,16 @@ class Ledger(ABC):
         until: datetime | None = None,
     ) -> Totals:
         """Exact sums over records with since <= finished_at < until (None: unbounded)."""
+
+    @abstractmethod
+    def reserve(self, reservation: Reservation) -> int | None:
+        """Atomically: if the key's spend in the window plus its outstanding reservations is
+        under the budget, hold `reservation.flops` and return None; else hold nothing and
+        return that committed sum. Reserving a request id twice holds it once."""
+
+    @abstractmethod
+    def release(self, api_key_id: str, request_id: str) -> None:
+        """Drop a request's reservation (its record now counts instead); unknown: no-op."""
 
     @abstractmethod
     def ping(self) -> None:

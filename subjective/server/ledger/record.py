@@ -23,6 +23,7 @@ class Status(StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     ERROR = "error"
+    INTERRUPTED = "interrupted"  # its server died mid-request; closed on the next start
 
 
 def utc(moment: datetime) -> datetime:

@@ -6,6 +6,8 @@ Keys (all under one hash tag, so a Redis Cluster keeps them in one slot):
   P:idx:all, P:idx:key:<key>    sorted sets of request ids scored by finished_at (us)
   P:total:all, P:total:key:<k>  all-time aggregates (hash of counters)
   P:hourly:<hour>:all|key:<k>   the same per UTC hour of finished_at, for period totals
+  P:reservations:key:<k>        sorted set of the key's held request ids, by expiry (us)
+  P:reserved:key:<k>            hash, request id -> FLOPs held (see `Reservation`)
   P:journal:<cursor>            an export run's journal
   P:lock:<cursor>               one export at a time per cursor
 FLOP sums may pass 2^63 (HINCRBY's range), so they are kept as a giga part and a remainder.
@@ -14,7 +16,7 @@ FLOP sums may pass 2^63 (HINCRBY's range), so they are kept as a giga part and a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -36,6 +38,7 @@ from subjective.server.ledger.base import (
     ExportJournal,
     Ledger,
     LedgerUnavailable,
+    Reservation,
     Totals,
     UsageQuery,
     WriteResult,
@@ -82,6 +85,32 @@ for k = 5, #KEYS do
   end
 end
 return 1
+"""
+
+RESERVE_SCRIPT = """
+-- Hold a request's worst-case FLOPs against its key's budget, atomically (see Reservation).
+-- KEYS[1] the key's reservations (sorted set: request id -> expiry, us), KEYS[2] their
+-- amounts (hash), KEYS[3..] the key's hourly aggregates over the budget window.
+-- ARGV[1] now (us), ARGV[2] request id, ARGV[3] FLOPs, ARGV[4] budget, ARGV[5] expiry (us).
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  redis.call('HDEL', KEYS[2], id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local committed = 0
+local amounts = redis.call('HGETALL', KEYS[2])
+for i = 1, #amounts, 2 do
+  if amounts[i] ~= ARGV[2] then committed = committed + tonumber(amounts[i + 1]) end
+end
+for k = 3, #KEYS do
+  local parts = redis.call('HMGET', KEYS[k], 'flops_g', 'flops_r')
+  committed = committed + (tonumber(parts[1]) or 0) * 1e9 + (tonumber(parts[2]) or 0)
+end
+if committed >= tonumber(ARGV[4]) then
+  return string.format('%.0f', committed)
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[5], ARGV[2])
+return false
 """
 
 LOCK_SCRIPT = """
@@ -145,6 +174,7 @@ class RedisLedger(Ledger):
         self._p = "{" + prefix + "}"
         self._write = self._redis.register_script(WRITE_SCRIPT)
         self._lock = self._redis.register_script(LOCK_SCRIPT)
+        self._reserve = self._redis.register_script(RESERVE_SCRIPT)
         self._unlock = self._redis.register_script(UNLOCK_SCRIPT)
         self._groups: set[str] = set()
 
@@ -171,6 +201,32 @@ class RedisLedger(Ledger):
             args += [name, value]
         stored = self._write(keys=keys, args=args)
         return WriteResult.RECORDED if stored == 1 else WriteResult.DUPLICATE
+
+    @_unavailable_on_network_errors
+    def reserve(self, reservation: Reservation) -> int | None:
+        r = reservation
+        hours = range(to_micros(r.since) // HOUR_US, -(-to_micros(r.until) // HOUR_US))
+        keys = [
+            self._reservations(r.api_key_id),
+            self._reserved(r.api_key_id),
+            *(self._hourly(hour, r.api_key_id) for hour in hours),
+        ]
+        args = [
+            to_micros(datetime.now(UTC)),
+            r.request_id,
+            r.flops,
+            r.budget,
+            to_micros(r.expires_at),
+        ]
+        committed = self._reserve(keys=keys, args=args)
+        return None if committed is None else int(committed)
+
+    @_unavailable_on_network_errors
+    def release(self, api_key_id: str, request_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zrem(self._reservations(api_key_id), request_id)
+        pipe.hdel(self._reserved(api_key_id), request_id)
+        pipe.execute()
 
     # Reads
 
@@ -294,6 +350,12 @@ class RedisLedger(Ledger):
 
     def _total(self, api_key_id: str | None) -> str:
         return f"{self._p}:total:" + ("all" if api_key_id is None else f"key:{api_key_id}")
+
+    def _reservations(self, api_key_id: str) -> str:
+        return f"{self._p}:reservations:key:{api_key_id}"
+
+    def _reserved(self, api_key_id: str) -> str:
+        return f"{self._p}:reserved:key:{api_key_id}"
 
     def _hourly(self, hour: int, api_key_id: str | None) -> str:
         scope = "all" if api_key_id is None else f"key:{api_key_id}"

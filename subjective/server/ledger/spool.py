@@ -41,7 +41,11 @@ class Spool:
             name = f"{time.time_ns():020d}-{os.getpid():08d}-{next(self._counter):012d}"
         final = self.directory / (name + SUFFIX)
         temporary = self.directory / (name + TEMPORARY)
-        write_synced(temporary, json.dumps(usage.to_dict()).encode())
+        try:
+            write_synced(temporary, json.dumps(usage.to_dict()).encode())
+        except OSError:  # a full disk, say: leave no torn file behind
+            temporary.unlink(missing_ok=True)
+            raise
         os.rename(temporary, final)
         fsync_directory(self.directory)
         return final

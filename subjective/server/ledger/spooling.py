@@ -13,6 +13,7 @@ from subjective.server.ledger.base import (
     ExportJournal,
     Ledger,
     LedgerUnavailable,
+    Reservation,
     Totals,
     UsageQuery,
     WriteResult,
@@ -108,6 +109,12 @@ class SpoolingLedger(Ledger):
         until: datetime | None = None,
     ) -> Totals:
         return self.inner.totals(api_key_id, since, until)
+
+    def reserve(self, reservation: Reservation) -> int | None:
+        return self.inner.reserve(reservation)
+
+    def release(self, api_key_id: str, request_id: str) -> None:
+        self.inner.release(api_key_id, request_id)
 
     def ping(self) -> None:
         self.inner.ping()

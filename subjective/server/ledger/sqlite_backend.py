@@ -15,6 +15,7 @@ from subjective.server.ledger.base import (
     ExportJournal,
     Ledger,
     LedgerUnavailable,
+    Reservation,
     Totals,
     UsageQuery,
     WriteResult,
@@ -44,6 +45,13 @@ CREATE TABLE IF NOT EXISTS export_acks (
     PRIMARY KEY (cursor, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS export_journal (cursor TEXT PRIMARY KEY, journal TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations (
+    request_id TEXT PRIMARY KEY,
+    api_key_id TEXT NOT NULL,
+    flops INTEGER NOT NULL,
+    expires_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_key ON reservations (api_key_id);
 CREATE TABLE IF NOT EXISTS export_locks (
     cursor TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -130,6 +138,38 @@ class SQLiteLedger(Ledger):
         return Totals(
             count, prompt, completion, flops_g * GIGA + flops_r, dense_g * GIGA + dense_r, price
         )
+
+    def reserve(self, reservation: Reservation) -> int | None:
+        r = reservation
+        now = to_micros(datetime.now(UTC))
+        with self._guard(), self._transaction():  # BEGIN IMMEDIATE: one admission at a time
+            self._db.execute("DELETE FROM reservations WHERE expires_us <= ?", (now,))
+            giga, rest = self._db.execute(
+                f"SELECT COALESCE(SUM(flops / {GIGA}), 0), COALESCE(SUM(flops % {GIGA}), 0)"
+                " FROM usage WHERE api_key_id = ? AND finished_us >= ? AND finished_us < ?",
+                (r.api_key_id, to_micros(r.since), to_micros(r.until)),
+            ).fetchone()
+            held = self._db.execute(
+                "SELECT COALESCE(SUM(flops), 0) FROM reservations"
+                " WHERE api_key_id = ? AND request_id != ?",
+                (r.api_key_id, r.request_id),
+            ).fetchone()[0]
+            committed = int(giga) * GIGA + int(rest) + int(held)
+            if committed >= r.budget:
+                return committed
+            self._db.execute(
+                "INSERT OR REPLACE INTO reservations (request_id, api_key_id, flops, expires_us)"
+                " VALUES (?, ?, ?, ?)",
+                (r.request_id, r.api_key_id, r.flops, to_micros(r.expires_at)),
+            )
+        return None
+
+    def release(self, api_key_id: str, request_id: str) -> None:
+        with self._guard():
+            self._db.execute(
+                "DELETE FROM reservations WHERE request_id = ? AND api_key_id = ?",
+                (request_id, api_key_id),
+            )
 
     def ping(self) -> None:
         with self._guard():
