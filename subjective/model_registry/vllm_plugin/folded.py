@@ -55,7 +55,6 @@ class FoldedSwiGLU(nn.Module):
         weight = torch.cat([net.gate_proj.weight, net.up_proj.weight]) * norm.weight
         self.up = FoldedLinear(weight)
         self.down = FoldedLinear(net.down_proj.weight)
-        self.eps = norm.eps
 
     def forward(self, x: Tensor, scale: Tensor) -> Tensor:
         gate, up = scaled(self.up(x), scale).chunk(2, dim=-1)
