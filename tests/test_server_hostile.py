@@ -109,7 +109,7 @@ def test_a_body_over_the_limit_is_413_and_health_stays_fast(
     headers = {"authorization": f"Bearer {user_secret}", "content-type": "application/json"}
     health: list[int] = []
     seconds: list[float] = []
-    stop = threading.Event()
+    stop, probing_started = threading.Event(), threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=server, timeout=10) as prober:
@@ -117,9 +117,12 @@ def test_a_body_over_the_limit_is_413_and_health_stays_fast(
                 start = time.perf_counter()
                 health.append(prober.get("/health").status_code)
                 seconds.append(time.perf_counter() - start)
+                probing_started.set()
 
     with ThreadPoolExecutor(2) as pool:
         probing = pool.submit(probe)
+        # The bodies go out once health is being probed (else both 413s can beat the first probe).
+        assert probing_started.wait(30), "no /health answer within 30 s"
         declared = httpx.post(f"{server}/v1/completions", content=body, headers=headers, timeout=60)
 
         def chunks():  # no Content-Length: refused once the bytes read pass the limit
