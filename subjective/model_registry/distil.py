@@ -29,9 +29,13 @@ from tqdm import tqdm
 from subjective.model_registry.config import LayerType
 from subjective.model_registry.hybrid import HybridForCausalLM, hybridize
 from subjective.model_registry.llama import LlamaForCausalLM
+from subjective.model_registry.training_state import (
+    STATE_FILE,
+    load_training_state,
+    save_training_state,
+)
 
 Stage = Literal[1, 2]
-STATE_FILE = "state.pt"
 MODEL_DIR = "model"
 
 
@@ -175,27 +179,15 @@ def distil(
     step, history = 0, []
     state_file = output / STATE_FILE if output is not None else None
     if resume and state_file is not None and state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        step, history = state["step"], state["history"]
+        step, history = load_training_state(state_file, optimizer, schedule, generator)
 
     def checkpoint() -> None:
         if output is None:
             return
         if save is not None:
             save(student, output / MODEL_DIR)
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-                "history": history,
-                "plan": asdict(plan),
-            },
-            state_file,
+        save_training_state(
+            state_file, optimizer, schedule, generator, step, history, plan=asdict(plan)
         )
         plot_losses(history, output / "loss.png", f"stage {plan.stage}")
 

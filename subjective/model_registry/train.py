@@ -188,13 +188,18 @@ def train_command(args: argparse.Namespace) -> int:
 
     from subjective.model_registry.convert import base_folder_of, load_model, save_model
     from subjective.model_registry.llama import is_base_parameter
+    from subjective.model_registry.training_state import (
+        STATE_FILE,
+        load_training_state,
+        save_training_state,
+    )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "model"
-    resume = args.resume and (output / "state.pt").is_file()
+    resume = args.resume and (output / STATE_FILE).is_file()
     source = checkpoint if resume else args.model
     base_folder = base_folder_of(args.model) if args.freeze_base else None
     model = load_model(source).to(device).train()
@@ -222,11 +227,7 @@ def train_command(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     step, history = 0, []
     if resume:
-        state = torch.load(output / "state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        step, history = state["step"], state["history"]
+        step, history = load_training_state(output / STATE_FILE, optimizer, schedule, generator)
 
     teacher = None
     if args.teacher is not None:
@@ -248,16 +249,14 @@ def train_command(args: argparse.Namespace) -> int:
             template_config=json.loads((args.model / "config.json").read_text()),
             tokenizer_from=args.model,
         )
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-                "history": history,
-                "args": {k: str(v) for k, v in vars(args).items() if k != "handler"},
-            },
-            output / "state.pt",
+        save_training_state(
+            output / STATE_FILE,
+            optimizer,
+            schedule,
+            generator,
+            step,
+            history,
+            args={k: str(v) for k, v in vars(args).items() if k != "handler"},
         )
         plot_history(history, output / "loss.png")
 
