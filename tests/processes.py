@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from subjective.server.keys import KeyStore, SQLiteKeyStorage
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,6 +70,23 @@ def serving(
     (the server takes vLLM's own CPU paths)."""
     with server_process(model_dir, state, env, *options, timeout_s=timeout_s) as (_, base_url):
         yield base_url
+
+
+@contextmanager
+def sqlite_serving(model_dir: Path, state: Path, *options: str) -> Iterator[tuple[str, str, str]]:
+    """`serving` with its keys and ledger in SQLite under `state` (no Redis); yields
+    (base URL, a user's secret, an admin's secret)."""
+    keys = KeyStore(SQLiteKeyStorage(state / "keys.sqlite3"))
+    user, admin = keys.create("user").secret, keys.create("admin", admin=True).secret
+    keys.close()
+    env = {
+        "REDIS_URL": "",
+        "SUBJECTIVE_KEYS_PATH": str(state / "keys.sqlite3"),
+        "SUBJECTIVE_LEDGER_PATH": str(state / "ledger.sqlite3"),
+        "SUBJECTIVE_SPOOL_DIR": str(state / "spool"),
+    }
+    with serving(model_dir, state, env, *options) as base_url:
+        yield base_url, user, admin
 
 
 @contextmanager

@@ -18,8 +18,7 @@ from transformers import AutoTokenizer
 from subjective.model_registry.config import ModelConfig
 from subjective.model_registry.convert import load_model
 from subjective.model_registry.runner import generate
-from subjective.server.keys import KeyStore, SQLiteKeyStorage
-from tests.processes import REPO, serving
+from tests.processes import REPO, sqlite_serving
 
 pytestmark = pytest.mark.vllm
 PROMPT = "The three primary colours are"
@@ -41,16 +40,7 @@ def sdt_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gated(sdt_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The server on the SDT model (SQLite ledger and keys); yields (url, user, admin) clients."""
     state = tmp_path_factory.mktemp("gated-server")
-    keys = KeyStore(SQLiteKeyStorage(state / "keys.sqlite3"))
-    user, admin = keys.create("user").secret, keys.create("admin", admin=True).secret
-    keys.close()
-    env = {
-        "REDIS_URL": "",
-        "SUBJECTIVE_KEYS_PATH": str(state / "keys.sqlite3"),
-        "SUBJECTIVE_LEDGER_PATH": str(state / "ledger.sqlite3"),
-        "SUBJECTIVE_SPOOL_DIR": str(state / "spool"),
-    }
-    with serving(sdt_dir, state, env, "--dtype", "float32") as url:
+    with sqlite_serving(sdt_dir, state, "--dtype", "float32") as (url, user, admin):
         bearer = "authorization"
         with (
             httpx.Client(base_url=url, headers={bearer: f"Bearer {user}"}, timeout=300) as u,

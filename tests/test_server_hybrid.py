@@ -21,8 +21,7 @@ from subjective.model_registry.convert import convert_hybrid, load_model
 from subjective.model_registry.flops import state_elements
 from subjective.model_registry.hybrid_rank import keep_count, select_layers
 from subjective.model_registry.runner import generate
-from subjective.server.keys import KeyStore, SQLiteKeyStorage
-from tests.processes import serving
+from tests.processes import sqlite_serving
 
 pytestmark = pytest.mark.vllm
 SOFTMAX_RATIO = 0.25
@@ -41,16 +40,7 @@ def hybrid_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def served(hybrid_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The server on the hybrid (SQLite ledger and keys); yields (openai client, admin http)."""
     state = tmp_path_factory.mktemp("hybrid-server")
-    keys = KeyStore(SQLiteKeyStorage(state / "keys.sqlite3"))
-    user, admin = keys.create("user").secret, keys.create("admin", admin=True).secret
-    keys.close()
-    env = {
-        "REDIS_URL": "",
-        "SUBJECTIVE_KEYS_PATH": str(state / "keys.sqlite3"),
-        "SUBJECTIVE_LEDGER_PATH": str(state / "ledger.sqlite3"),
-        "SUBJECTIVE_SPOOL_DIR": str(state / "spool"),
-    }
-    with serving(hybrid_dir, state, env) as url:
+    with sqlite_serving(hybrid_dir, state) as (url, user, admin):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=user, timeout=300)
         headers = {"authorization": f"Bearer {admin}"}
         with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
