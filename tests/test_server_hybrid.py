@@ -21,6 +21,7 @@ from subjective.model_registry.convert import convert_hybrid, load_model
 from subjective.model_registry.flops import state_elements
 from subjective.model_registry.hybrid_rank import keep_count, select_layers
 from subjective.model_registry.runner import generate
+from tests.openai_features import check_openai_features
 from tests.processes import sqlite_serving
 
 pytestmark = pytest.mark.vllm
@@ -114,3 +115,12 @@ def state_bytes_metric(http: httpx.Client) -> float:
         if line.startswith("subjective_state_bytes_total{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_the_openai_features_work_on_the_hybrid(served) -> None:
+    client, _ = served
+    compute = check_openai_features(client, "SmolLM2-hybrid", fluent=False)  # not distilled
+    # Scored by the hybrid's own layers: KV in its softmax layers only, state in the others.
+    assert compute["flops"] > 0
+    assert compute["kv_entries"] * 30 == compute["kv_entries_dense"] * 8
+    assert compute["state_bytes"] > 0

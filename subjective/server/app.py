@@ -61,6 +61,7 @@ from subjective.server.rate_limit import open_rate_limiter
 from subjective.server.recovery import recover_interrupted
 from subjective.server.service import CallerDep, Service, ServiceDep
 from subjective.server.threshold import ThresholdControl
+from subjective.server.tool_calls import ToolCalling, ToolCallStream
 from subjective.server.usage_page import install_usage_page
 from subjective.server.usage_writer import UsageWriter
 
@@ -265,7 +266,15 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
     ):
         generator = service.generator
         prompt = await generator.tokenized(lambda: generator.chat_prompt(body))
-        run, deltas = await service.begin(key, body, [prompt], body.token_budget(), "chatcmpl")
+        tools = ToolCalling(body, generator.tokenizer) if body.calls_tools() else None
+        run, deltas = await service.begin(
+            key,
+            body,
+            [prompt],
+            body.token_budget(),
+            "chatcmpl",
+            tools.structured_outputs if tools else None,
+        )
         created = int(time.time())
 
         def logprobs(delta: ChoiceDelta) -> ChatLogprobs | None:
@@ -275,6 +284,7 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            parsers: dict[int, ToolCallStream] = {}
 
             def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
                 return sse(
@@ -287,6 +297,23 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
                     )
                 )
 
+            def chunk_choice(delta: ChoiceDelta) -> ChatChunkChoice | None:
+                """The delta as a chunk's choice; None when a tool call holds it back."""
+                choice = ChatChunkChoice(
+                    index=delta.index,
+                    delta=ChatDelta(content=delta.text),
+                    finish_reason=delta.finish_reason,
+                    logprobs=logprobs(delta),
+                )
+                if tools is None:
+                    return choice
+                parser = parsers.setdefault(delta.index, tools.stream(prompt))
+                finished = delta.finish_reason is not None
+                choice.delta = parser.delta(delta.text, delta.token_ids, finished)
+                choice.finish_reason = tools.finish_reason(delta.finish_reason, parser.called)
+                held = choice.delta == ChatDelta() and not finished and choice.logprobs is None
+                return None if held else choice
+
             async def events() -> AsyncIterator[str]:
                 yield chunk(
                     [
@@ -296,16 +323,8 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
                 )
                 async with aclosing(deltas):
                     async for delta in deltas:
-                        yield chunk(
-                            [
-                                ChatChunkChoice(
-                                    index=delta.index,
-                                    delta=ChatDelta(content=delta.text),
-                                    finish_reason=delta.finish_reason,
-                                    logprobs=logprobs(delta),
-                                )
-                            ]
-                        )
+                        if (choice := chunk_choice(delta)) is not None:
+                            yield chunk([choice])
                 await run.stored()
                 if include_usage:
                     yield chunk([], run.usage())
@@ -314,20 +333,26 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
 
         merged = await _collect_while_connected(request, deltas)
         await run.stored()
-        choices = [
-            ChatChoice(
+
+        def choice(delta: ChoiceDelta) -> ChatChoice:
+            message = AssistantMessage(content=delta.text)
+            finish_reason = delta.finish_reason
+            if tools is not None:
+                content, calls = tools.message(delta.text)
+                message = AssistantMessage(content=content, tool_calls=calls or None)
+                finish_reason = tools.finish_reason(finish_reason, bool(calls))
+            return ChatChoice(
                 index=delta.index,
-                message=AssistantMessage(content=delta.text),
-                finish_reason=delta.finish_reason,
+                message=message,
+                finish_reason=finish_reason,
                 logprobs=logprobs(delta),
             )
-            for delta in merged
-        ]
+
         return ChatCompletionResponse(
             id=run.request_id,
             created=created,
             model=body.model,
-            choices=choices,
+            choices=[choice(delta) for delta in merged],
             usage=run.usage(),
         )
 

@@ -131,7 +131,7 @@ class BilledRequest:
         try:
             async for delta in source:
                 self.counts.add(delta)
-                if delta.new_tokens:
+                if delta.token_ids:
                     now = time.perf_counter()
                     self._first_token = self._first_token or now
                     self._last_token = now

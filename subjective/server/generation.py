@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from subjective.server import tool_calls
 from subjective.server.config import ServerConfig
 from subjective.server.errors import APIError, engine_dead_error
 from subjective.server.meter import EngineTally
@@ -47,7 +48,7 @@ class ChoiceDelta:
 
     index: int
     text: str
-    new_tokens: int
+    token_ids: list[int]
     finish_reason: str | None
     cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache
     logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
@@ -59,7 +60,7 @@ class ChoiceDelta:
         return replace(
             later,
             text=self.text + later.text,
-            new_tokens=self.new_tokens + later.new_tokens,
+            token_ids=self.token_ids + later.token_ids,
             cached_tokens=max(self.cached_tokens, later.cached_tokens),
             logprobs=(
                 None
@@ -84,8 +85,8 @@ class TokenCounts:
     cached_tokens: dict[int, int] = field(default_factory=dict)
 
     def add(self, delta: ChoiceDelta) -> None:
-        self.completion_tokens[delta.index] = (
-            self.completion_tokens.get(delta.index, 0) + delta.new_tokens
+        self.completion_tokens[delta.index] = self.completion_tokens.get(delta.index, 0) + len(
+            delta.token_ids
         )
         prompt = delta.index // self.n
         self.cached_tokens[prompt] = max(self.cached_tokens.get(prompt, 0), delta.cached_tokens)
@@ -185,10 +186,17 @@ class Generator:
         return prompt
 
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        self._refuse_oversized(sum(len(m["content"].encode()) for m in messages), "messages")
+        """The rendered conversation's tokens; the tools are listed unless tool_choice is
+        "none" (the model answers in text then)."""
+        messages = [message.rendered() for message in request.messages]
+        self._refuse_oversized(sum(m.text_bytes() for m in request.messages), "messages")
+        tools = request.tools if request.calls_tools() else None
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages,
+            tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+            chat_template=tool_calls.chat_template(self.tokenizer, request),
+            tokenize=False,
+            add_generation_prompt=True,
         )
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -230,12 +238,17 @@ class Generator:
         return max_tokens
 
     def sampling_params(
-        self, request: SamplingFields, max_tokens: int, extra_args: dict[str, object]
+        self,
+        request: SamplingFields,
+        max_tokens: int,
+        extra_args: dict[str, object],
+        constraint=None,
     ):
         """vLLM's SamplingParams, checked as the engine will check them (a bad value is a 400
         here, before the request starts); `extra_args` (quality, threshold, meter slot) reach
-        the model plugin's gate and meter (DESIGN.md §4, §5). Prompt scoring (`max_tokens` 0)
-        runs one step, whose token `stream` drops."""
+        the model plugin's gate and meter (DESIGN.md §4, §5); `constraint` (vLLM's
+        StructuredOutputsParams for tool calls) replaces the request's `response_format`.
+        Prompt scoring (`max_tokens` 0) runs one step, whose token `stream` drops."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -246,10 +259,11 @@ class Generator:
                 400, f"min_tokens must not exceed the budget of {max_tokens}.", param="min_tokens"
             )
         structured = options.pop("structured_outputs", None)
+        shape = StructuredOutputsParams(**structured) if structured else None
         try:
             params = SamplingParams(
                 max_tokens=max(max_tokens, 1),
-                structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+                structured_outputs=constraint or shape,
                 # Every step's new tokens, streamed or not: a request's progress is known
                 # whenever it stops (billing a cancelled or interrupted one for its tokens).
                 output_kind=RequestOutputKind.DELTA,
@@ -264,8 +278,12 @@ class Generator:
                 engine.tokenizer,
             )
         except (ValueError, VLLMValidationError) as error:
-            message = error.args[0] if error.args else str(error)
-            raise APIError(400, str(message), param=getattr(error, "parameter", None)) from error
+            message = str(error.args[0] if error.args else error)
+            param = getattr(error, "parameter", None)
+            if constraint is not None and param is None:  # it comes from the tools' schemas
+                message = f"The tools' parameters cannot be compiled for decoding: {message}"
+                param = "tools"
+            raise APIError(400, message, param=param) from error
         return params
 
     async def stream(
@@ -294,7 +312,7 @@ class Generator:
                             ChoiceDelta(
                                 index=prompt_index * params.n + sample.index,
                                 text=sample.text if generates else "",
-                                new_tokens=len(sample.token_ids) if generates else 0,
+                                token_ids=list(sample.token_ids) if generates else [],
                                 finish_reason=sample.finish_reason,
                                 cached_tokens=output.num_cached_tokens or 0,
                                 logprobs=(

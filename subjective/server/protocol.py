@@ -3,7 +3,7 @@
 Every field a client may send is declared, and nothing is silently ignored:
 - a field we act on is validated, and a bad value is a 400 (with `param`) before any work;
 - a field of the OpenAI schema we do not implement is a 400 naming it (`Unsupported`), unless
-  it is sent with a value that cannot change the result (no tools, `tool_choice: "none"`);
+  it is sent with a value that cannot change the result (no `functions`, `modalities: ["text"]`);
 - a field that cannot change the result (`user`, `metadata`, `store`, ...) is accepted and
   ignored (README, "OpenAI API conformance");
 - any other field is a 400, as OpenAI answers it ("Unrecognized request argument").
@@ -11,17 +11,21 @@ Every field a client may send is declared, and nothing is silently ignored:
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
+import jsonschema
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     Strict,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
@@ -40,6 +44,7 @@ StopText = Annotated[str, Field(min_length=1)]
 # One request fans out into (prompts x n) engine sequences: bounded, so one request cannot
 # fill the engine's batch on its own.
 MAX_SEQUENCES_PER_REQUEST = 64
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 def _refused_unless(*harmless: object) -> BeforeValidator:
@@ -59,8 +64,9 @@ def _refused_unless(*harmless: object) -> BeforeValidator:
 
 
 Unsupported = Annotated[Any, _refused_unless()]
-UnsupportedTools = Annotated[Any, _refused_unless([])]
-UnsupportedToolChoice = Annotated[Any, _refused_unless("none", "auto")]
+UnsupportedList = Annotated[Any, _refused_unless([])]
+# OpenAI's rule for function names, which prompts and tool-call ids are built from.
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class Request(BaseModel):
@@ -190,20 +196,119 @@ class TextPart(Request):
     text: str
 
 
+class FunctionCall(Request):
+    name: FunctionName
+    arguments: str  # JSON, as text: the template writes it into the prompt as it is
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_are_json(cls, arguments: str) -> str:
+        try:
+            json.loads(arguments)
+        except ValueError as error:
+            raise ValueError(f"arguments must be JSON text ({error})") from None
+        return arguments
+
+
+class ToolCall(Request):
+    """A call the assistant made: in its message, and in the history a client sends back."""
+
+    id: Annotated[str, Field(min_length=1)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    """A message of the conversation; its fields are checked against its role, each one
+    naming itself when it does not fit (declared in the order the checks need)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None  # assistant only
+    # Tool messages only: the call this message answers.
+    tool_call_id: Annotated[str | None, Field(validate_default=True)] = None
+    # Required, except beside an assistant's tool calls.
+    content: Annotated[str | list[TextPart] | None, Field(validate_default=True)] = None
     name: str | None = None  # ignored: the model's chat template has no names
-    tool_calls: UnsupportedTools = None
     function_call: Unsupported = None
     refusal: Unsupported = None
     audio: Unsupported = None
-    annotations: UnsupportedTools = None
+    annotations: UnsupportedList = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_by_the_assistant(cls, calls: list[ToolCall] | None, info: ValidationInfo):
+        if calls is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _id_in_tool_messages(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        if (call_id is None) == (info.data.get("role") == "tool"):
+            raise ValueError("a tool message, and only a tool message, has a tool_call_id")
+        return call_id
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calling(cls, content: str | list | None, info: ValidationInfo):
+        if content is None and info.data.get("tool_calls") is None:
+            raise ValueError("Field required (only an assistant's tool calls may go without)")
+        return content
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def text_bytes(self) -> int:
+        """Bytes of the text the template writes into the prompt as it is."""
+        arguments = (call.function.arguments for call in self.tool_calls or [])
+        return len(self.text().encode()) + sum(len(text.encode()) for text in arguments)
+
+    def rendered(self) -> dict[str, Any]:
+        """This message as the chat template takes it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # arguments always follow `parameters` (tool_calls.py)
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as error:
+                raise ValueError(f"not a JSON schema: {error.message}") from None
+        return schema
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: FunctionName
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class TextFormat(Request):
@@ -247,18 +352,19 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: UnsupportedTools = None
-    tool_choice: UnsupportedToolChoice = None
-    functions: UnsupportedTools = None
-    function_call: UnsupportedToolChoice = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool | None = None  # False: at most one tool call
+    response_format: ResponseFormat | None = None  # after tool_choice: validated against it
+    # The deprecated forms of tools and tool_choice.
+    functions: UnsupportedList = None
+    function_call: Annotated[Any, _refused_unless("none", "auto")] = None
     audio: Unsupported = None
     modalities: Annotated[Any, _refused_unless(["text"])] = None
     reasoning_effort: Unsupported = None
     verbosity: Unsupported = None
     web_search_options: Unsupported = None
     # Ignored: they cannot change the result.
-    parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -272,6 +378,56 @@ class ChatCompletionRequest(SamplingFields):
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
+
+    @field_validator("messages")
+    @classmethod
+    def _tool_results_answer_calls(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        called: set[str] = set()
+        for position, message in enumerate(messages):
+            called.update(call.id for call in message.tool_calls or [])
+            if message.tool_call_id is not None and message.tool_call_id not in called:
+                raise ValueError(
+                    f"messages.{position}.tool_call_id '{message.tool_call_id}' answers no "
+                    "tool call of an earlier assistant message"
+                )
+        return messages
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names_differ(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("each tool needs a function name of its own")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: ToolChoice | None, info: ValidationInfo):
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError("a tool_choice that calls a tool needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"'{choice.function.name}' is not the name of one of the tools")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _format_not_with_a_forced_call(
+        cls, response_format: ResponseFormat | None, info: ValidationInfo
+    ):
+        choice = info.data.get("tool_choice")
+        if response_format is not None and (
+            choice == "required" or isinstance(choice, NamedToolChoice)
+        ):
+            raise ValueError(
+                'response_format cannot shape a forced tool call: use tool_choice "auto" '
+                "or drop response_format"
+            )
+        return response_format
+
+    def calls_tools(self) -> bool:
+        """Whether the model is offered tools (not with `tool_choice: "none"`)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -310,7 +466,7 @@ class Usage(BaseModel):
     compute: ComputeUsage | None = None
 
 
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "tool_calls", "abort"] | None
 
 
 class CompletionLogprobs(BaseModel):
@@ -355,7 +511,14 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the assistant only calls tools
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _content_even_if_null(self, serialize: SerializerFunctionWrapHandler) -> dict:
+        """`content` is always sent, as OpenAI sends it: null beside tool calls (the routes
+        leave out other null fields)."""
+        return {"content": None, **serialize(self)}
 
 
 class ChatChoice(BaseModel):
@@ -374,9 +537,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None  # in the call's first delta
+    arguments: str | None = None  # the next piece of the arguments' text
+
+
+class ToolCallDelta(BaseModel):
+    index: int  # which call of the message this piece belongs to
+    id: str | None = None  # in the call's first delta, with `type`
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -51,9 +51,10 @@ class Service:
         prompts: list[list[int]],
         max_tokens: int | None,
         id_prefix: str,
+        constraint=None,
     ) -> tuple[BilledRequest, AsyncGenerator[ChoiceDelta, None]]:
         """Validate, admit (rate; budget: its worst case reserved), then start the request on
-        the engine.
+        the engine; `constraint`: see `Generator.sampling_params`.
 
         With the engine dead, or a request vLLM would refuse, nothing is counted or recorded
         (no rate-limit token spent, no compute slot kept)."""
@@ -69,7 +70,7 @@ class Service:
             extra_args[EXTRA_ARG_THRESHOLD] = threshold
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
-            params = self.generator.sampling_params(body, budget, extra_args)
+            params = self.generator.sampling_params(body, budget, extra_args, constraint)
             worst_case = 0  # only a key with a budget needs it (a count, off the event loop)
             if key.flops_budget is not None:
                 worst_case = await asyncio.to_thread(
