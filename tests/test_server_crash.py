@@ -26,7 +26,13 @@ from tests.test_faults import check_views_agree
 
 pytestmark = pytest.mark.vllm
 STREAMS = 4
-COMPLETION = {"model": SERVED_NAME, "prompt": "Count: 1, 2, 3,", "max_tokens": 1000}
+# Runs till the kill: `ignore_eos`, so a sampled end of text cannot finish it first.
+COMPLETION = {
+    "model": SERVED_NAME,
+    "prompt": "Count: 1, 2, 3,",
+    "max_tokens": 1000,
+    "ignore_eos": True,
+}
 
 
 def stream_until_cut(base_url: str, secret: str, started: threading.Barrier) -> tuple[str, int]:

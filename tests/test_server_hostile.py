@@ -187,7 +187,13 @@ def test_a_client_leaving_a_non_streamed_request_aborts_and_bills_it_cancelled(
     server: str, key_store: KeyStore
 ):
     created = key_store.create("impatient")
-    body = {"model": SERVED_NAME, "prompt": "Count: 1, 2, 3,", "max_tokens": 1000}
+    # Runs past the client's 3 s: `ignore_eos`, so a sampled end of text cannot finish it first.
+    body = {
+        "model": SERVED_NAME,
+        "prompt": "Count: 1, 2, 3,",
+        "max_tokens": 1000,
+        "ignore_eos": True,
+    }
     with client(server, created.secret) as http:
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json=body, timeout=3)

@@ -86,7 +86,7 @@ def rendered(tokenizer, body: ChatCompletionRequest, template: str | None) -> st
 )
 def test_without_tools_the_template_renders_as_the_models_own(tokenizer, messages):
     body = request(messages=messages)
-    assert chat_template(tokenizer, body) is None  # the model's own is used
+    assert chat_template(body) is None  # the model's own is used
     assert rendered(tokenizer, body, TEMPLATE) == rendered(tokenizer, body, None)
 
 
@@ -94,7 +94,7 @@ def test_tools_calls_and_results_are_rendered_in_the_hermes_format(tokenizer):
     body = request(
         messages=[{"role": "system", "content": "Be brief."}, *CALLED], tools=[WEATHER, ADD]
     )
-    assert chat_template(tokenizer, body) == TEMPLATE
+    assert chat_template(body) == TEMPLATE
     text = rendered(tokenizer, body, TEMPLATE)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
     assert text.count("<|im_start|>system") == 1

@@ -69,6 +69,13 @@ class APIError(Exception):
         self.headers = headers
 
 
+def refused_input(error: Exception) -> APIError:
+    """vLLM's refusal of a request's input (a ValueError or a VLLMClientError, with the
+    `parameter` it names when it knows it) as a 400."""
+    message = str(error.args[0] if error.args else error)
+    return APIError(400, message, param=getattr(error, "parameter", None))
+
+
 def engine_dead_error() -> APIError:
     """vLLM's engine core (or its worker) died: nothing more can run in this process."""
     return APIError(

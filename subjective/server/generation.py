@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from subjective.server import tool_calls
 from subjective.server.config import ServerConfig
-from subjective.server.errors import APIError, engine_dead_error
+from subjective.server.errors import APIError, engine_dead_error, refused_input
 from subjective.server.meter import EngineTally
 from subjective.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -194,7 +194,7 @@ class Generator:
         text = self.tokenizer.apply_chat_template(
             messages,
             tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
-            chat_template=tool_calls.chat_template(self.tokenizer, request),
+            chat_template=tool_calls.chat_template(request),
             tokenize=False,
             add_generation_prompt=True,
         )
@@ -278,12 +278,11 @@ class Generator:
                 engine.tokenizer,
             )
         except (ValueError, VLLMValidationError) as error:
-            message = str(error.args[0] if error.args else error)
-            param = getattr(error, "parameter", None)
-            if constraint is not None and param is None:  # it comes from the tools' schemas
-                message = f"The tools' parameters cannot be compiled for decoding: {message}"
-                param = "tools"
-            raise APIError(400, message, param=param) from error
+            refused = refused_input(error)
+            if constraint is not None and refused.param is None:  # from the tools' schemas
+                refused.message = f"The tools' parameters cannot be compiled: {refused.message}"
+                refused.param = "tools"
+            raise refused from error
         return params
 
     async def stream(
@@ -379,8 +378,7 @@ class Generator:
         if self.engine_dead:
             served = engine_dead_error()
         elif isinstance(error, VLLMClientError):
-            message = error.args[0] if error.args else str(error)
-            served = APIError(400, str(message), param=getattr(error, "parameter", None))
+            served = refused_input(error)
         elif isinstance(error, GracefulHTTPError):
             served = APIError(int(error.http_status), error.message, code="engine_refused")
         else:

@@ -1,20 +1,21 @@
 """Tool calling through vLLM's own machinery (README, "Tool calling").
 
-The prompt lists the tools in the Hermes format (`<tool_call>{"name": ..., "arguments": ...}
-</tool_call>`, `chat_templates/chatml_tools.jinja` for a model whose template has no tools);
-vLLM's Hermes parser reads the calls back, whole or as streamed deltas, and its structural tags
-(xgrammar) constrain decoding: a call, once begun, names one of the tools and its arguments
-follow that tool's `parameters` schema; `tool_choice` "required" or named forces a call (of
-that tool); `parallel_tool_calls: false` allows one.
+The prompt lists the tools and writes calls in the Hermes format (`<tool_call>{"name": ...,
+"arguments": ...}</tool_call>`; `chat_templates/chatml_tools.jinja`, SmolLM2's ChatML, whose own
+template has no tools). vLLM's Hermes parser reads the calls back, whole or as streamed deltas,
+and its structural tags (xgrammar) constrain decoding: a call, once begun, names one of the
+tools and its arguments follow that tool's `parameters` schema; `tool_choice` "required" or
+named forces a call (of that tool); `parallel_tool_calls: false` allows one.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from subjective.server.errors import APIError
+from subjective.server.errors import refused_input
 from subjective.server.protocol import (
     ChatCompletionRequest,
     ChatDelta,
@@ -34,20 +35,22 @@ STRICT_LEVEL = "parameter"
 TEMPLATE = (Path(__file__).parent / "chat_templates" / "chatml_tools.jinja").read_text()
 
 
-def chat_template(tokenizer, request: ChatCompletionRequest) -> str | None:
-    """The template that renders this request: ours when it involves tools and the model's
-    own has none (None: the model's own)."""
+def chat_template(request: ChatCompletionRequest) -> str | None:
+    """Ours when the request involves tools (it writes calls as the parser reads them); None,
+    the model's own, otherwise."""
     involves_tools = request.calls_tools() or any(
         message.role == "tool" or message.tool_calls for message in request.messages
     )
-    if involves_tools and "tools" not in (tokenizer.chat_template or ""):
-        return TEMPLATE
-    return None
+    return TEMPLATE if involves_tools else None
 
 
 @cache
 def _parser_class(tokenizer):
     from vllm.parser.parser_manager import ParserManager
+
+    # The parser logs an unfinished call (cut by max_tokens: the client's budget, not a server
+    # fault) as an error with a traceback, once per response; the response says it instead.
+    logging.getLogger(f"vllm.tool_parsers.{PARSER}_tool_parser").setLevel(logging.CRITICAL)
 
     return ParserManager.get_parser(
         tool_parser_name=PARSER,
@@ -64,15 +67,15 @@ class ToolCalling:
         from vllm.entrypoints.openai.chat_completion.protocol import (
             ChatCompletionRequest as VllmChatRequest,
         )
+        from vllm.exceptions import VLLMClientError
 
         self._tokenizer = tokenizer
         self.named = isinstance(request.tool_choice, NamedToolChoice)
         try:
             self._request = VllmChatRequest.model_validate(_vllm_fields(request))
             self._request = self._parser().adjust_request(self._request)
-        except ValueError as error:  # vLLM's VLLMValidationError is one
-            message = error.args[0] if error.args else str(error)
-            raise APIError(400, str(message), param=getattr(error, "parameter", None)) from error
+        except (ValueError, VLLMClientError) as error:
+            raise refused_input(error) from error
 
     @property
     def structured_outputs(self):
