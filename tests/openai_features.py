@@ -9,14 +9,8 @@ import json
 import jsonschema
 import openai
 
-CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
-CITY = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
+from tests.tool_definitions import ASK, CITY, WEATHER
+
 # Long enough for the gates to skip tokens (the first ones, sinks, always run).
 SCORED = (
     "The Python tutorial introduces the basic concepts and features of the language and "
@@ -32,20 +26,20 @@ def check_openai_features(
     `usage.compute` (what it billed). A model that is not `fluent` (an untrained conversion)
     may run out of tokens inside the JSON: then only what guided decoding forces is held."""
     chat = client.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+        model=model, messages=ASK, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
     )
     tokens = chat.choices[0].logprobs.content
     assert len(tokens) == chat.usage.completion_tokens
     assert all(len(token.top_logprobs) == 2 for token in tokens)
 
     shaped = client.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=40, temperature=0,
+        model=model, messages=ASK, max_tokens=40, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": CITY}},
     ).choices[0]  # fmt: skip
     check_json(shaped.message.content, shaped.finish_reason, fluent)
 
     named = {"type": "function", "function": {"name": "get_weather"}}
-    kwargs = dict(model=model, messages=CHAT, max_tokens=40, temperature=0, tools=[WEATHER])
+    kwargs = dict(model=model, messages=ASK, max_tokens=40, temperature=0, tools=[WEATHER])
     called = client.chat.completions.create(**kwargs, tool_choice=named).choices[0]
     if called.message.tool_calls or fluent:
         [call] = called.message.tool_calls

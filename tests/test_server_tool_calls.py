@@ -10,38 +10,12 @@ import jsonschema
 import pytest
 
 from tests.conftest import SERVED_NAME
+from tests.tool_definitions import ADD, ASK, WEATHER
 
 pytestmark = pytest.mark.vllm
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOLS = [WEATHER, ADD]
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED_ADD = {"type": "function", "function": {"name": "add"}}
 
 

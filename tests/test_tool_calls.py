@@ -11,30 +11,8 @@ from transformers import AutoTokenizer
 
 from subjective.server.protocol import ChatCompletionRequest, ChatDelta
 from subjective.server.tool_calls import TEMPLATE, ToolCalling, chat_template
+from tests.tool_definitions import ADD, ASK, WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-        },
-    },
-}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALLED = [
     *ASK,
     {
