@@ -12,7 +12,8 @@ from. Threshold 0 makes every token want the full path, the worst case for the c
 `--hybrid` measures the hybrid instead, against dense in the same run: SmolLM2 hybridized (no
 training; capacity does not depend on the weights) with `--softmax-ratio` of its layers softmax,
 `HYBRID_SEQ_LEN` tokens per sequence, bfloat16 (vLLM's CPU GDN kernels need it). Its linear
-layers hold a constant state per sequence in vLLM's hybrid cache instead of KV entries. Beside
+layers hold a constant state per sequence in vLLM's hybrid cache instead of KV entries (in the
+dtype `engine_kwargs` asks for, as served). Beside
 the peak it ran, each engine reports vLLM's own admission limit for full-length sequences
 (`vllm_max_concurrency`: blocks in the budget / blocks one sequence needs, all groups); the
 hybrid's keys (`hybrid_max_seqs`, `hybrid_softmax_ratio`, `hybrid_run`) are merged into the
@@ -51,6 +52,7 @@ def measure(folder: str, budget: int, seq_len: int, requests: int, dtype: str) -
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
     from subjective.model_registry.vllm_plugin import engine_kwargs
+    from subjective.server.engine import recurrent_state_dtype
 
     llm = LLM(
         **{
@@ -95,6 +97,7 @@ def measure(folder: str, budget: int, seq_len: int, requests: int, dtype: str) -
         "vllm_max_concurrency": round(
             get_max_concurrency_for_kv_cache_config(vllm_config, config), 3
         ),
+        "state_dtype": str(recurrent_state_dtype(vllm_config)).removeprefix("torch."),
     }
 
 
@@ -200,7 +203,7 @@ def measure_hybrid(args: argparse.Namespace) -> None:
             "machine": machine_info(),
             "model": f"{DENSE.relative_to(REPO)} hybridized without training: {softmax} of "
             f"{layers} layers softmax (uniform interleave), the rest Gated DeltaNet",
-            "dtype": "bfloat16 (KV, conv state); float32 recurrent state",
+            "dtype": f"bfloat16 (KV, conv state); {hybrid['state_dtype']} recurrent state",
             "kv_budget_bytes": args.budget,
             "seq_len": HYBRID_SEQ_LEN,
             "requests": HYBRID_REQUESTS,

@@ -59,7 +59,8 @@ def test_hybrid_meter_equals_torch_flop_counter_on_the_decode_steps(slots) -> No
     """A hybrid (2 of 3 layers linear): each fed-back token runs the recurrent form, one token per
     forward, so torch's count of those steps is exact; the prompt's chunked form is held to
     torch in test_flops. KV entries in the softmax layer only, the linear layers' state in
-    float32 bytes, `dense_flops` those of the all-softmax model of its shape."""
+    the bytes of its dtype (float32 here, as the reference), `dense_flops` those of the
+    all-softmax model of its shape."""
     torch.manual_seed(0)
     dense = tiny_config("dense", layers=3)
     config = replace(dense, layer_types=["linear_attention", "full_attention", "linear_attention"])
@@ -85,6 +86,11 @@ def test_hybrid_meter_equals_torch_flop_counter_on_the_decode_steps(slots) -> No
     state = cache.layers[0].state
     assert compute.state_bytes == 2 * state.numel() * 4 == (2 * 6 * 8 * 8) * 4
     assert as_dense.state_bytes == 0
+    # Served with a bfloat16 state (vLLM's cache), the same state in half the bytes.
+    served = Meter(config, slots, torch.bfloat16).dense_compute(
+        EngineTally(prompt_tokens=5, cached_tokens=0, completion_tokens=5)
+    )
+    assert served.state_bytes == compute.state_bytes // 2
 
 
 def test_prompt_scoring_bills_the_lm_head_on_every_prompt_token_it_ran(slots) -> None:

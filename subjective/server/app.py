@@ -103,7 +103,12 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
     async def lifespan(app: FastAPI):
         from transformers import AutoTokenizer
 
-        from subjective.server.engine import build_engine, watch_engine
+        from subjective.server.engine import (
+            build_engine,
+            engine_config,
+            recurrent_state_dtype,
+            watch_engine,
+        )
 
         model = ModelConfig.from_folder(config.model_dir)
         config.pricing.rate(config.served_model_name)  # no price, no serving: fail now
@@ -122,12 +127,13 @@ def create_app(config: ServerConfig, on_engine_dead: Callable[[], None] | None =
             teardown.callback(journal.close_db)
             slots = FrontEndSlots.create()
             teardown.callback(slots.close)
-            meter = Meter(model, slots)
+            vllm_config = engine_config(config)
+            meter = Meter(model, slots, recurrent_state_dtype(vllm_config))
             # Requests a dead server left in flight: billed once, before anything new runs.
             recover_interrupted(journal, ledger, meter, config.pricing)
             # The engine core (another process) finds the per-request compute table here.
             os.environ[COMPUTE_SLOTS_ENV] = str(slots.path)
-            served_engine = build_engine(config)
+            served_engine = build_engine(vllm_config)
             teardown.callback(served_engine.shutdown)
             writer = UsageWriter(ledger, metrics, journal)
             teardown.callback(writer.close)

