@@ -32,6 +32,7 @@ from subjective.model_registry.llama import LlamaForCausalLM
 from subjective.model_registry.training_state import (
     STATE_FILE,
     load_training_state,
+    optimizer_step,
     save_training_state,
 )
 
@@ -201,13 +202,9 @@ def distil(
         ids = sample_batch(tokens, plan.batch_size, plan.block_size - 1, generator).to(device)
         with autocast:
             loss = loss_fn(teacher, student, ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        lr = optimizer_step(loss, params, optimizer, schedule)
         step += 1
-        record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+        record = {"step": step, "loss": loss.item(), "lr": lr}
         history.append(record)
         if output is not None:
             with (output / "history.jsonl").open("a") as log:

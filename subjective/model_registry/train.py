@@ -191,6 +191,7 @@ def train_command(args: argparse.Namespace) -> int:
     from subjective.model_registry.training_state import (
         STATE_FILE,
         load_training_state,
+        optimizer_step,
         save_training_state,
     )
 
@@ -282,13 +283,9 @@ def train_command(args: argparse.Namespace) -> int:
         ids = sample_batch(tokens, args.batch_size, args.block_size, generator).to(device)
         with autocast:
             loss, parts = compute_loss(model, ids, args, teacher)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        lr = optimizer_step(loss, params, optimizer, schedule)
         step += 1
-        record = {"step": step, "lr": schedule.get_last_lr()[0], **parts}
+        record = {"step": step, "lr": lr, **parts}
         if val_tokens is not None and (step % args.eval_every == 0 or step == args.steps):
             record.update(evaluate())
         history.append(record)
