@@ -82,15 +82,13 @@ def main() -> None:
     trained = distil(args)
     trained_s = time.monotonic() - started
     spec = json.loads(FRONTIER.read_text())["validation"]
-    texts = {
-        "validation": (REPO / spec["text"], spec["seed"]),
-        "perl_pod": (other_domain(args.pod_dir, args.work), spec["seed"]),
-    }
+    texts = {"validation": REPO / spec["text"], "perl_pod": other_domain(args.pod_dir, args.work)}
     device = torch.device("cpu")
+    dense_model = load_model(args.dense)
     results = {}
-    for name, (path, seed) in texts.items():
-        blocks = text_blocks(path, args.dense, spec["blocks"], spec["block_size"], seed=seed)
-        dense = evaluate(load_model(args.dense), blocks, None)
+    for name, path in texts.items():
+        blocks = text_blocks(path, args.dense, spec["blocks"], spec["block_size"], spec["seed"])
+        dense = evaluate(dense_model, blocks, None)
         print(f"{name}: dense {dense['perplexity']:.3f}")
         rows = frontier_rows(args.model, blocks, device, "shipped (stage A)")
         rows += frontier_rows(trained, blocks, device, "stage A + B, CPU")
